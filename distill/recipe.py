@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import yaml
 from distill.errors import DistillError
 
 CARDS_DIR = Path(__file__).parent / "teachers"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # --- field constraints -------------------------------------------------------
@@ -290,7 +292,7 @@ def _check_recipe(recipe: Recipe) -> None:
                            f"(or a teacher.card), got {recipe.teacher.model!r}")
     names = [s.name for s in recipe.students]
     for i, s in enumerate(recipe.students):
-        if names.count(s.name) > 1:
+        if s.name in names[:i]:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not s.model.startswith(("hf:", "timm:")):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
@@ -377,6 +379,8 @@ def _convert(hint, value, where):
             raise DistillError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads `2e-3` (no dot) as a string; the user meant a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DistillError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,67 @@
+"""The run directory: atomic writes, data loaders, checkpoint selection, hyper-parameters for TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from distill.recipe import to_plain
+
+LOWER_IS_BETTER = {"nll", "ece"}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename it, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def better(metrics: dict, best: dict, select_by: str) -> bool:
+    if select_by in LOWER_IS_BETTER:
+        return metrics[select_by] < best[select_by]
+    return metrics[select_by] > best[select_by]
+
+
+def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int = 1) -> DataLoader:
+    """A loader that shuffles reproducibly; training drops the last partial batch when there is more than
+    one, because BatchNorm cannot train on a batch of one."""
+    workers = recipe.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size * world_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(recipe.seed) if train else None,
+    )
+
+
+def hparams(recipe, section: str) -> dict:
+    """The recipe flattened to `key.path: scalar` (TensorBoard's hparams take scalars and strings only)."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    plain = to_plain(recipe)
+    walk("", {"name": plain["name"], "seed": plain["seed"], "data": plain["data"], section: plain[section]})
+    return flat

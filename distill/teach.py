@@ -1,0 +1,178 @@
+"""Entry: fine-tune the teacher of a recipe (Accelerate, mixed precision), keep its best checkpoint and metrics.
+
+    accelerate launch distill/teach.py recipe.yaml [key.path=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # `python distill/teach.py`: import the package, not the sibling files as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from distill.data import ImageDataset, build_transform, load_splits
+from distill.errors import exit_on_error
+from distill.evaluate import evaluate
+from distill.losses import smooth_one_hot, soft_cross_entropy
+from distill.mix import mix_images, mix_targets, sample_mix
+from distill.models import build_model, count_params, param_groups, save_model
+from distill.recipe import dump_recipe, load_recipe
+from distill.runs import better, hparams, make_loader, write_json, write_text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="distill teach", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.epochs=3")
+    return p.parse_args(argv)
+
+
+def teacher_loss(logits, labels, num_classes, smoothing, mix):
+    """Cross-entropy against label-smoothed, then mixed, one-hot targets; returns the named parts."""
+    target = mix_targets(smooth_one_hot(labels, num_classes, smoothing), mix)
+    loss = soft_cross_entropy(logits, target)
+    return {"loss": loss, "loss_ce": loss.detach()}
+
+
+@exit_on_error
+def main(argv=None):
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg, run_dir = recipe.teacher, recipe.run_dir
+    out_dir = run_dir / "teacher"
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with="tensorboard" if recipe.log.tensorboard else None,
+        project_dir=str(run_dir / "tb"),
+    )
+    set_seed(recipe.seed)
+
+    # Build everything that can fail on bad input before anything is written.
+    train_split, val_split = load_splits(recipe.data)
+    classes, num_classes = train_split.classes, len(train_split.classes)
+    model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
+    train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
+    eval_tf = build_transform(cfg.augment.eval, "eval", pre, where="teacher.augment.eval")
+    train_loader = make_loader(ImageDataset(train_split, train_tf), cfg.batch_size, recipe, train=True,
+                               world_size=accelerator.num_processes)
+    val_loader = make_loader(ImageDataset(val_split, eval_tf), cfg.eval_batch_size or cfg.batch_size, recipe,
+                             train=False, world_size=accelerator.num_processes)
+
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum
+    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    if cfg.optim.name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=True)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
+    total_updates = cfg.epochs * updates_per_epoch
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates, lr_min=cfg.optim.min_lr,
+                                  warmup_t=round(cfg.optim.warmup_epochs * updates_per_epoch),
+                                  warmup_lr_init=min(cfg.optim.min_lr, lr), t_in_epochs=False)
+
+    if accelerator.is_main_process:
+        write_text(run_dir / "config.yaml", dump_recipe(recipe))
+    accelerator.init_trackers("teacher", config=hparams(recipe, "teacher"))
+    accelerator.print(f"teacher {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
+                      f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
+                      f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
+
+    mix_rng = np.random.default_rng([recipe.seed, accelerator.process_index])
+    start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
+    best, history = None, []
+    for epoch in range(cfg.epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"teacher {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (recipe.log.progress and accelerator.is_local_main_process))
+        for x, y in bar:
+            with accelerator.accumulate(model):
+                mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
+                parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and cfg.optim.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+            train_images += len(y) * accelerator.num_processes
+            if accelerator.sync_gradients:
+                step += 1
+                scheduler.step_update(step)
+                if step % recipe.log.every_steps == 0 or step == total_updates:
+                    logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
+                    logged["train/lr"] = optimizer.param_groups[-1]["lr"]
+                    accelerator.log(logged, step=step)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
+        train_seconds += time.perf_counter() - epoch_start
+
+        if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
+            continue
+        metrics = evaluate(model, val_loader, accelerator, num_classes)
+        metrics["epoch"] = epoch + 1
+        history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
+        accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")}, step=step)
+        accelerator.print(f"epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 {metrics['macro_f1']:.4f} "
+                          f"nll {metrics['nll']:.4f} ({train_images / train_seconds:.0f} train img/s)")
+        if best is None or better(metrics, best, cfg.select_by):
+            best = metrics
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_card(recipe))
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=_card(recipe))
+        write_json(out_dir / "metrics.json", {
+            **best,
+            "best_epoch": best["epoch"],
+            "select_by": cfg.select_by,
+            "params": count_params(model),
+            "train_images_per_sec": train_images / max(train_seconds, 1e-9),
+            "epochs": cfg.epochs,
+            "seed": recipe.seed,
+            "wall_seconds": time.perf_counter() - start,
+            "model": cfg.model,
+            "card": cfg.card,
+            "input_size": pre.input_size,
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "global_batch_size": global_batch,
+            "lr": lr,
+            "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
+            **_card(recipe),
+            "classes": classes,
+            "history": history,
+        })
+        accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+    accelerator.end_training()
+
+
+def _card(recipe) -> dict:
+    """What later stages must know about how the teacher's targets were shaped (see DESIGN.md, LS vs KD)."""
+    cfg = recipe.teacher
+    if cfg.label_smoothing > 0 or (cfg.pretrain_label_smoothing or 0) > 0:
+        smoothed = True
+    else:  # unknown when the card does not say how the weights were pre-trained
+        smoothed = None if cfg.pretrain_label_smoothing is None and cfg.pretrained is not False else False
+    return {
+        "label_smoothing": cfg.label_smoothing,
+        "pretrain_label_smoothing": cfg.pretrain_label_smoothing,
+        "trained_with_label_smoothing": smoothed,
+    }
+
+
+if __name__ == "__main__":
+    main()
