@@ -1,0 +1,136 @@
+"""teach.py end to end on real Fashion-MNIST subsets: the run directory contract, accuracy, errors, 2 processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill import cli
+from distill.data import ImageDataset, build_transform, load_splits
+from distill.evaluate import classification_metrics
+from distill.models import load_model
+from distill.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = ("top1", "top5", "macro_f1", "nll", "ece", "params", "eval_images_per_sec", "train_images_per_sec",
+            "epochs", "seed", "wall_seconds", "label_smoothing", "trained_with_label_smoothing")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def check_run_dir(run_dir: Path, recipe_path: str, overrides: list[str]) -> dict:
+    assert (run_dir / "config.yaml").is_file()
+    assert load_recipe(run_dir / "config.yaml") == load_recipe(ROOT / recipe_path, overrides)
+    teacher = run_dir / "teacher"
+    for name in ("model.safetensors", "model.json", "metrics.json", "last/model.safetensors"):
+        assert (teacher / name).is_file(), name
+    metrics = json.loads((teacher / "metrics.json").read_text())
+    assert not set(REQUIRED) - set(metrics)
+    assert list((run_dir / "tb" / "teacher").glob("events.out.tfevents.*"))
+    assert not list(run_dir.rglob("*.tmp"))
+    return metrics
+
+
+def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
+    overrides = [f"output_dir={tmp_path}"]
+    r = run(["accelerate", "launch", "--num_processes", "1", "--cpu", "--mixed_precision", "bf16",
+             "distill/teach.py", "recipes/tiny-vit.yaml", *overrides])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = check_run_dir(tmp_path / "tiny-vit", "recipes/tiny-vit.yaml", overrides)
+    assert m["mixed_precision"] == "bf16"  # from accelerate's launch config, the recipe says null
+    assert m["top1"] > 0.6, m["top1"]  # chance is 0.1
+    assert m["num_images"] == 2000 and m["label_smoothing"] == 0.1 and m["trained_with_label_smoothing"] is True
+    assert m["wall_seconds"] < 60
+
+
+def test_timm_teacher_through_the_distill_command(tmp_path):
+    overrides = [f"output_dir={tmp_path}"]
+    r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = check_run_dir(tmp_path / "tiny-timm", "recipes/tiny-timm.yaml", overrides)
+    assert m["top1"] > 0.6, m["top1"]
+    assert m["trained_with_label_smoothing"] is False and m["wall_seconds"] < 60
+
+
+def test_two_processes_count_each_val_image_once(tmp_path):
+    """torchrun with 2 processes trains, and its metrics equal a single-process evaluation of the saved model."""
+    overrides = [f"output_dir={tmp_path}", "teacher.epochs=1", "data.subset=301", "teacher.batch_size=32"]
+    r = run(["torchrun", "--nproc_per_node", "2", "distill/teach.py", "recipes/tiny-vit.yaml", *overrides])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "tiny-vit" / "teacher" / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["num_images"] == 301  # odd: the sampler pads one, gather drops it
+    assert sum(map(sum, m["confusion_matrix"])) == 301
+
+    model, pre, info = load_model(tmp_path / "tiny-vit" / "teacher")
+    recipe = load_recipe(ROOT / "recipes/tiny-vit.yaml", overrides)
+    _, val = load_splits(recipe.data)
+    ds = ImageDataset(val, build_transform(None, "eval", pre))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.inference_mode():
+        single = classification_metrics(model.eval()(x), torch.as_tensor(val.labels), len(val.classes))
+    assert single["confusion_matrix"] == m["confusion_matrix"]
+    assert single["top1"] == pytest.approx(m["top1"])
+
+
+# --- bad input: one `error:` line, exit 2, nothing written -----------------------------------------
+def _fail_in_process(capsys, tmp_path, *overrides, recipe="recipes/tiny-vit.yaml"):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["teach", str(ROOT / recipe), f"output_dir={tmp_path / 'out'}", *overrides])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing half-done
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("teacher.epoch=3", "error: teacher.epoch: unknown key; did you mean 'epochs'?"),
+    ("teacher.optim.lr=fast", "error: teacher.optim.lr: expected a positive number, got 'fast'"),
+    ("data.root=/nonexistent/fmnist", "error: data.root"),
+    ("teacher.model=timm:resnet_does_not_exist", "error: teacher.model"),
+    ("teacher.card=nope", "error: teacher.card: no card 'nope'"),
+])
+def test_bad_recipes(capsys, tmp_path, override, expected):
+    assert _fail_in_process(capsys, tmp_path, override).startswith(expected)
+
+
+def test_local_checkpoint_with_other_class_count(capsys, tmp_path):
+    from distill.models import build_model, save_model
+    recipe = load_recipe(ROOT / "recipes/tiny-vit.yaml")
+    model, pre = build_model(recipe.teacher, 7)
+    save_model(model, pre, tmp_path / "ckpt", [str(i) for i in range(7)])
+    line = _fail_in_process(capsys, tmp_path, f"teacher.pretrained={tmp_path / 'ckpt'}")
+    assert line.startswith("error: teacher.pretrained") and "7" in line and "10" in line
+
+
+@pytest.mark.parametrize("launcher", [
+    ["distill", "teach"],
+    [sys.executable, "distill/teach.py"],
+    ["accelerate", "launch", "--num_processes", "1", "--cpu", "distill/teach.py"],
+])
+def test_error_line_from_every_launcher(tmp_path, launcher):
+    r = run([*launcher, "recipes/tiny-vit.yaml", "teacher.epochs=zero", f"output_dir={tmp_path}"])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: teacher.epochs: expected an integer >= 1, got 'zero'"], r.stderr[-2000:]
+    if launcher[0] == "accelerate":
+        assert r.returncode != 0  # accelerate wraps the script's exit 2 in its own error
+    else:
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_recipes_in_the_repo_are_valid():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("#"), f"{path.name}: start with a comment giving the commands"
+        yaml.safe_load(path.read_text())
