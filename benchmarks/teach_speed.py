@@ -1,6 +1,7 @@
 """Benchmark: fine-tune the teacher of each given recipe and print wall time, throughput and accuracy.
 
-    python benchmarks/teach_speed.py recipes/tiny-vit.yaml recipes/tiny-timm.yaml [--launcher "torchrun --nproc_per_node 2"]
+    python benchmarks/teach_speed.py recipes/tiny-vit.yaml recipes/tiny-timm.yaml \
+        [--launcher "torchrun --nproc_per_node 2"] [--set teacher.epochs=2]
 """
 import argparse
 import json
@@ -18,13 +19,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipes", nargs="+")
     p.add_argument("--launcher", default=f"{sys.executable}", help="command that runs distill/teach.py")
-    p.add_argument("overrides", nargs="*", default=[])
-    args, extra = p.parse_known_args()
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, repeatable")
+    args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for recipe in args.recipes:
             start = time.perf_counter()
-            cmd = [*shlex.split(args.launcher), str(ROOT / "distill/teach.py"), recipe, f"output_dir={out}", *extra]
+            cmd = [*shlex.split(args.launcher), str(ROOT / "distill/teach.py"), recipe, f"output_dir={out}", *args.set]
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
             m = json.loads((Path(out) / Path(recipe).stem / "teacher" / "metrics.json").read_text())

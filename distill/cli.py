@@ -26,8 +26,8 @@ def main(argv=None):
         from distill import teach
         return teach.main(rest)
     # run: check the whole recipe before any stage starts, then each stage in order
-    from distill.recipe import load_recipe
     from distill import teach
+    from distill.recipe import load_recipe
     stage_args = teach.parse_args(rest)
     load_recipe(stage_args.recipe, stage_args.overrides)
     teach.main(rest)

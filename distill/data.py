@@ -12,9 +12,10 @@ import socket
 import struct
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -68,10 +69,10 @@ class Split:
             classes: Sequence[str],
             labels: Sequence[int] | np.ndarray,
             *,
-            images: Optional[np.ndarray] = None,
-            paths: Optional[Sequence[str]] = None,
+            images: np.ndarray | None = None,
+            paths: Sequence[str] | None = None,
             name: str = "",
-            ids: Optional[np.ndarray] = None,
+            ids: np.ndarray | None = None,
     ):
         if (images is None) == (paths is None):
             raise ValueError("Split needs exactly one of images or paths")
@@ -138,8 +139,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def stratified_indices(labels: Sequence[int] | np.ndarray, n: int, seed: int, *, leave: int = 0) -> np.ndarray:
     """Sorted indices of `n` rows, per-class proportional, the same for the same (labels, n, seed).
 
-    Counts are rounded by largest remainder, except that a class left at zero gets one row first
-    when there are rows to spare, so small subsets still see every class. `leave` rows of each
+    Counts are rounded by largest remainder, except that every class gets at least one row when
+    `n` allows it, so a small subset still sees every class. `leave` rows of each
     class are never taken (a val split leaves a singleton class in train). Within a class the rows
     are a prefix of a permutation seeded by (seed, class position).
     """
@@ -151,9 +152,12 @@ def stratified_indices(labels: Sequence[int] | np.ndarray, n: int, seed: int, *,
         return np.zeros(0, dtype=np.int64)
     quota = counts * n / counts.sum()
     take = np.minimum(np.floor(quota).astype(np.int64), caps)
-    for c in np.argsort(-quota, kind="stable"):
-        if take.sum() < n and take[c] == 0 and caps[c] > 0:
-            take[c] = 1
+    present = caps > 0
+    if n >= present.sum():
+        # every class shows up, paid for by the classes furthest above their quota
+        take[present & (take == 0)] = 1
+        while take.sum() > n:
+            take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
     while take.sum() < n:
         for c in np.argsort(-(quota - take), kind="stable"):
             if take.sum() < n and take[c] < caps[c]:
@@ -219,7 +223,7 @@ def _load_fashion_mnist(cfg: DataConfig) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
-def find_fashion_mnist(root: Optional[str]) -> Path:
+def find_fashion_mnist(root: str | None) -> Path:
     """The folder holding the four idx files: data.root, else $DISTILL_DATA, the system copy, the cache."""
     if root is not None:
         base = Path(root).expanduser()
@@ -247,7 +251,7 @@ def find_fashion_mnist(root: Optional[str]) -> Path:
     return found
 
 
-def download_fashion_mnist(dest: Path, timeout: float = 10.0) -> Optional[str]:
+def download_fashion_mnist(dest: Path, timeout: float = 10.0) -> str | None:
     """Try torchvision's download into `dest`; None on success, else why it failed (offline is normal)."""
     from torchvision.datasets import FashionMNIST
 
@@ -266,7 +270,7 @@ def download_fashion_mnist(dest: Path, timeout: float = 10.0) -> Optional[str]:
         with contextlib.redirect_stdout(None):
             FashionMNIST(str(dest), train=True, download=True)
             FashionMNIST(str(dest), train=False, download=True)
-    except Exception as e:  # any network or disk failure just means "not found here"
+    except (OSError, RuntimeError, ValueError) as e:  # network, disk or checksum: "not found here"
         return f"failed ({type(e).__name__}: {e})"
     finally:
         socket.setdefaulttimeout(old_timeout)
@@ -281,7 +285,7 @@ def _resolves(host: str) -> bool:
         return False
 
 
-def _idx_folder(base: Path) -> Optional[Path]:
+def _idx_folder(base: Path) -> Path | None:
     # the files themselves, a fashion-mnist/ subfolder, or torchvision's download layout
     for folder in (base, base / "fashion-mnist", base / "FashionMNIST" / "raw"):
         if all(_idx_path(folder, n).is_file() for pair in _IDX_FILES.values() for n in pair):
@@ -323,7 +327,7 @@ def _load_digits(cfg: DataConfig) -> tuple[Split, None]:
     return Split([str(c) for c in range(10)], digits.target, images=images, name="digits:all"), None
 
 
-def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Optional[Split]]:
+def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split | None]:
     root = _required_root(cfg, "a folder of class folders, root/<class>/<image>")
     classes, paths, labels = _scan_folder(root, "data.root")
     train = Split(classes, labels, paths=paths, name=str(root))
@@ -358,7 +362,7 @@ def _scan_folder(root: Path, key: str) -> tuple[list[str], list[str], np.ndarray
     return classes, paths, np.array(labels, dtype=np.int64)
 
 
-def _load_csv(cfg: DataConfig) -> tuple[Split, Optional[Split]]:
+def _load_csv(cfg: DataConfig) -> tuple[Split, Split | None]:
     root = _required_root(cfg, f"a CSV file with columns {cfg.path_column!r} and {cfg.label_column!r}")
     paths, names = _read_csv(root, "data.root", cfg)
     if all(_is_int(n) for n in names):
@@ -427,7 +431,7 @@ def _required_root(cfg: DataConfig, what: str) -> Path:
     return root
 
 
-_SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Optional[Split]]]] = {
+_SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Split | None]]] = {
     "fashion-mnist": _load_fashion_mnist,
     "digits": _load_digits,
     "imagefolder": _load_imagefolder,
@@ -463,7 +467,7 @@ class Transform:
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.compose(image=to_rgb(image))["image"]
 
-    def set_seed(self, seed: Optional[int]) -> None:
+    def set_seed(self, seed: int | None) -> None:
         self.compose.set_random_seed(seed)
 
     def __repr__(self) -> str:
@@ -471,11 +475,11 @@ class Transform:
 
 
 def build_transform(
-        specs: Optional[list[dict[str, Any]]],
+        specs: list[dict[str, Any]] | None,
         stage: str,
         pre: Preprocess,
-        where: Optional[str] = None,
-        seed: Optional[int] = None,
+        where: str | None = None,
+        seed: int | None = None,
 ) -> Transform:
     """The pipeline for one model and stage ("train" | "eval"); `specs` None means the stage's default.
 

@@ -72,7 +72,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
     """ECE (Guo et al. 2017): Σ_b (n_b / N) · |acc_b - conf_b|, bins (b-1)/B < conf ≤ b/B."""
     bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1
-    counts = torch.bincount(bins, minlength=n_bins).double()
     acc_sum = torch.bincount(bins, weights=correct.double(), minlength=n_bins)
     conf_sum = torch.bincount(bins, weights=conf.double(), minlength=n_bins)
     return ((acc_sum - conf_sum).abs().sum() / max(len(conf), 1)).item()

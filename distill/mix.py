@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -16,14 +15,14 @@ class MixParams:
     """One batch's draw: each sample i is mixed with sample B-1-i (timm's flip pairing)."""
 
     lam: float  # weight of the sample's own image and target
-    box: Optional[tuple[int, int, int, int]] = None  # CutMix (y0, y1, x0, x1) pasted from the partner
+    box: tuple[int, int, int, int] | None = None  # CutMix (y0, y1, x0, x1) pasted from the partner
 
 
 def mix_enabled(cfg: MixConfig) -> bool:
     return cfg.prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
 
 
-def sample_mix(cfg: MixConfig, image_hw: tuple[int, int], rng: np.random.Generator) -> Optional[MixParams]:
+def sample_mix(cfg: MixConfig, image_hw: tuple[int, int], rng: np.random.Generator) -> MixParams | None:
     """Draw whether and how to mix one batch; None means leave it alone.
 
     With CutMix, λ is corrected to the pasted area actually kept, so targets match the pixels.
@@ -40,7 +39,7 @@ def sample_mix(cfg: MixConfig, image_hw: tuple[int, int], rng: np.random.Generat
     return MixParams(lam=float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)))
 
 
-def mix_images(x: torch.Tensor, p: Optional[MixParams]) -> torch.Tensor:
+def mix_images(x: torch.Tensor, p: MixParams | None) -> torch.Tensor:
     """MixUp: λ·x + (1-λ)·x_flip; CutMix: x with the partner's box pasted in."""
     if p is None:
         return x
@@ -52,7 +51,7 @@ def mix_images(x: torch.Tensor, p: Optional[MixParams]) -> torch.Tensor:
     return x
 
 
-def mix_targets(t: torch.Tensor, p: Optional[MixParams]) -> torch.Tensor:
+def mix_targets(t: torch.Tensor, p: MixParams | None) -> torch.Tensor:
     """λ·t + (1-λ)·t_flip: exact for label distributions, an approximation for teacher outputs."""
     if p is None:
         return t

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -52,14 +52,14 @@ def _half_open_unit():
 class DataConfig:
     source: Literal["fashion-mnist", "digits", "imagefolder", "csv"] = "fashion-mnist"
     # builtin: folder of idx files; imagefolder: root/<class>/*; csv: the csv file
-    root: Optional[str] = None
+    root: str | None = None
     # a given validation set (imagefolder folder or csv file); fashion-mnist's is its test split
-    val_root: Optional[str] = None
+    val_root: str | None = None
     # null: use the given validation split; a number: stratified split of train by this fraction
-    val_fraction: Optional[float] = field(default=None, metadata=_open_unit())
+    val_fraction: float | None = field(default=None, metadata=_open_unit())
     split_seed: int = 0
     # keep N images per split, stratified (quick runs)
-    subset: Optional[int] = field(default=None, metadata=_at_least(1))
+    subset: int | None = field(default=None, metadata=_at_least(1))
     path_column: str = "path"
     label_column: str = "label"
     num_workers: int = field(default=0, metadata=_at_least(0))
@@ -73,12 +73,12 @@ class OptimConfig:
     momentum: float = field(default=0.9, metadata=_unit(open_right=True))
     betas: tuple[float, float] = (0.9, 0.999)
     # layer-wise lr decay for ViT-style models: layer l of L gets lr * layer_decay**(L + 1 - l)
-    layer_decay: Optional[float] = field(default=None, metadata=_half_open_unit())
+    layer_decay: float | None = field(default=None, metadata=_half_open_unit())
     # linear scaling rule: lr * (global batch size) / 256
     scale_lr: bool = False
     warmup_epochs: float = field(default=0.0, metadata=_non_negative())
     min_lr: float = field(default=1e-6, metadata=_non_negative())
-    clip_grad: Optional[float] = field(default=None, metadata=_positive())
+    clip_grad: float | None = field(default=None, metadata=_positive())
     grad_accum: int = field(default=1, metadata=_at_least(1))
 
 
@@ -94,32 +94,32 @@ class MixConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     # each a list of {name: <albumentations class>, <params>}; null = the stage's default
-    train: Optional[list[dict[str, Any]]] = None
-    eval: Optional[list[dict[str, Any]]] = None
+    train: list[dict[str, Any]] | None = None
+    eval: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    card: Optional[str] = None
+    card: str | None = None
     model: str = ""  # "hf:<hub id or local dir>" | "timm:<name>"
-    pretrained: Union[bool, str] = True  # true | false | path to local weights
+    pretrained: bool | str = True  # true | false | path to local weights
     hf_config: dict[str, Any] = field(default_factory=dict)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # preprocessing; null = from the model's own config
-    input_size: Optional[int] = field(default=None, metadata=_at_least(8))
-    mean: Optional[tuple[float, float, float]] = None
-    std: Optional[tuple[float, float, float]] = None
-    interpolation: Optional[Literal["nearest", "bilinear", "bicubic", "area"]] = None
-    crop_pct: Optional[float] = field(default=None, metadata=_half_open_unit())
+    input_size: int | None = field(default=None, metadata=_at_least(8))
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic", "area"] | None = None
+    crop_pct: float | None = field(default=None, metadata=_half_open_unit())
     # label smoothing used when the weights were pre-trained (from the card); null = unknown
-    pretrain_label_smoothing: Optional[float] = field(default=None, metadata=_unit(open_right=True))
+    pretrain_label_smoothing: float | None = field(default=None, metadata=_unit(open_right=True))
     # training
     epochs: int = field(default=10, metadata=_at_least(1))
     batch_size: int = field(default=64, metadata=_at_least(1))
-    eval_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1))
     label_smoothing: float = field(default=0.0, metadata=_unit(open_right=True))
     # null: accelerate's config / ACCELERATE_MIXED_PRECISION decides
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     eval_every: int = field(default=1, metadata=_at_least(1))
     select_by: Literal["top1", "macro_f1", "nll"] = "top1"
     optim: OptimConfig = OptimConfig()
@@ -131,14 +131,14 @@ class TeacherConfig:
 class StudentConfig:
     name: str
     model: str  # "timm:<name>"
-    pretrained: Union[bool, str] = False
+    pretrained: bool | str = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict)
-    input_size: Optional[int] = field(default=None, metadata=_at_least(8))
-    mean: Optional[tuple[float, float, float]] = None
-    std: Optional[tuple[float, float, float]] = None
-    interpolation: Optional[Literal["nearest", "bilinear", "bicubic", "area"]] = None
-    crop_pct: Optional[float] = field(default=None, metadata=_half_open_unit())
+    input_size: int | None = field(default=None, metadata=_at_least(8))
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic", "area"] | None = None
+    crop_pct: float | None = field(default=None, metadata=_half_open_unit())
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def load_card(name: str) -> dict:
         raise DistillError(f"{path}: a teacher card is a YAML mapping")
     unknown = set(card) - set(CARD_INFO_KEYS) - set(CARD_MODEL_KEYS)
     if unknown:
-        raise DistillError(f"{path}: unknown card key {sorted(unknown)[0]!r}; "
+        raise DistillError(f"{path}: unknown card key {min(unknown)!r}; "
                            f"expected one of {', '.join(CARD_MODEL_KEYS + CARD_INFO_KEYS)}")
     return card
 

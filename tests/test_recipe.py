@@ -1,4 +1,6 @@
 """Recipes: strict validation with key paths, overrides, cards, and a resolved dump that reloads."""
+import dataclasses
+
 import pytest
 import yaml
 
@@ -23,8 +25,8 @@ def test_defaults_and_types():
     assert r.teacher.optim.lr == 3e-4 and r.teacher.optim.betas == (0.9, 0.95)
     assert r.teacher.epochs == 2 and r.data.source == "fashion-mnist" and r.students == []
     assert str(r.run_dir) == "runs/t"
-    with pytest.raises(Exception):
-        r.teacher.epochs = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.teacher.epochs = 3
 
 
 @pytest.mark.parametrize("raw, message", [
