@@ -52,6 +52,8 @@ def main(argv=None):
     cfg, run_dir = recipe.teacher, recipe.run_dir
     out_dir = run_dir / "teacher"
     accelerator = Accelerator(
+        # without a GPU, accelerate only goes multi-process (gloo) under torchrun when told it is on CPU
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with="tensorboard" if recipe.log.tensorboard else None,
