@@ -82,9 +82,11 @@ def main(argv=None):
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
     total_updates = cfg.epochs * updates_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates, lr_min=cfg.optim.min_lr,
-                                  warmup_t=round(cfg.optim.warmup_epochs * updates_per_epoch),
-                                  warmup_lr_init=min(cfg.optim.min_lr, lr), t_in_epochs=False)
+    warmup = min(round(cfg.optim.warmup_epochs * updates_per_epoch), total_updates - 1)
+    # warmup_prefix: linear warm-up to the peak lr, then a full cosine over the remaining updates
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates - warmup, lr_min=cfg.optim.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=min(cfg.optim.min_lr, lr),
+                                  warmup_prefix=True, t_in_epochs=False)
 
     if accelerator.is_main_process:
         write_text(run_dir / "config.yaml", dump_recipe(recipe))
@@ -116,7 +118,7 @@ def main(argv=None):
                 scheduler.step_update(step)
                 if step % recipe.log.every_steps == 0 or step == total_updates:
                     logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
-                    logged["train/lr"] = optimizer.param_groups[-1]["lr"]
+                    logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the rest
                     accelerator.log(logged, step=step)
                     bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
         train_seconds += time.perf_counter() - epoch_start
@@ -132,11 +134,11 @@ def main(argv=None):
         if best is None or better(metrics, best, cfg.select_by):
             best = metrics
             if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_card(recipe))
+                save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_smoothing_record(recipe))
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=_card(recipe))
+        save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=_smoothing_record(recipe))
         write_json(out_dir / "metrics.json", {
             **best,
             "best_epoch": best["epoch"],
@@ -154,7 +156,7 @@ def main(argv=None):
             "global_batch_size": global_batch,
             "lr": lr,
             "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
-            **_card(recipe),
+            **_smoothing_record(recipe),
             "classes": classes,
             "history": history,
         })
@@ -162,7 +164,7 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def _card(recipe) -> dict:
+def _smoothing_record(recipe) -> dict:
     """What later stages must know about how the teacher's targets were shaped (see DESIGN.md, LS vs KD)."""
     cfg = recipe.teacher
     if cfg.label_smoothing > 0 or (cfg.pretrain_label_smoothing or 0) > 0:

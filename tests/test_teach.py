@@ -79,6 +79,41 @@ def test_two_processes_count_each_val_image_once(tmp_path):
     assert single["top1"] == pytest.approx(m["top1"])
 
 
+def test_training_options_work_together(tmp_path):
+    """Accumulation, clipping, MixUp+CutMix, layer decay, scaled lr, warm-up+cosine, bf16, eval_every in one run."""
+    overrides = [f"output_dir={tmp_path}", "data.subset=640", "teacher.epochs=3", "teacher.eval_every=2",
+                 "teacher.mixed_precision=bf16", "teacher.optim.grad_accum=2", "teacher.optim.clip_grad=1.0",
+                 "teacher.optim.layer_decay=0.75", "teacher.optim.scale_lr=true", "teacher.optim.warmup_epochs=1",
+                 "teacher.optim.min_lr=1e-5", "teacher.mix.mixup_alpha=0.2", "teacher.mix.cutmix_alpha=1.0",
+                 "log.every_steps=1"]
+    r = run(["distill", "teach", "recipes/tiny-vit.yaml", *overrides])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = check_run_dir(tmp_path / "tiny-vit", "recipes/tiny-vit.yaml", overrides)
+    assert [h["epoch"] for h in m["history"]] == [2, 3]  # every 2nd epoch, and always the last
+    assert m["mixed_precision"] == "bf16" and m["global_batch_size"] == 64
+    assert m["lr"] == pytest.approx(2e-3 * 64 / 256)
+    assert m["top1"] > 0.2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tiny-vit" / "tb" / "teacher")).Reload()
+    lr = [e.value for e in events.Scalars("train/lr")]
+    assert len(lr) == 3 * (640 // 32 // 2)  # one optimizer step per 2 batches of 32
+    warm = 640 // 32 // 2
+    assert all(a < b for a, b in zip(lr[:warm - 1], lr[1:warm]))  # linear warm-up to the peak
+    assert lr[warm - 1] == pytest.approx(m["lr"], rel=0.05)
+    assert all(a >= b for a, b in zip(lr[warm:], lr[warm + 1:]))  # then cosine down
+    assert lr[-1] < 0.1 * m["lr"]
+    for tag in ("train/loss", "train/loss_ce", "val/top1", "val/macro_f1", "val/nll", "val/ece"):
+        assert events.Scalars(tag), tag
+
+
+def test_distill_run_runs_the_teacher_stage(tmp_path):
+    overrides = [f"output_dir={tmp_path}", "data.subset=200", "teacher.epochs=1"]
+    r = run(["distill", "run", "recipes/tiny-vit.yaml", *overrides])
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run_dir(tmp_path / "tiny-vit", "recipes/tiny-vit.yaml", overrides)
+
+
 # --- bad input: one `error:` line, exit 2, nothing written -----------------------------------------
 def _fail_in_process(capsys, tmp_path, *overrides, recipe="recipes/tiny-vit.yaml"):
     with pytest.raises(SystemExit) as e:
