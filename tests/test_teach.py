@@ -47,7 +47,6 @@ def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
     assert m["mixed_precision"] == "bf16"  # from accelerate's launch config, the recipe says null
     assert m["top1"] > 0.6, m["top1"]  # chance is 0.1
     assert m["num_images"] == 4000 and m["label_smoothing"] == 0.1 and m["trained_with_label_smoothing"] is True
-    assert m["wall_seconds"] < 60
 
 
 def test_timm_teacher_through_the_distill_command(tmp_path):
@@ -56,7 +55,7 @@ def test_timm_teacher_through_the_distill_command(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = check_run_dir(tmp_path / "tiny-timm", "recipes/tiny-timm.yaml", overrides)
     assert m["top1"] > 0.6, m["top1"]
-    assert m["trained_with_label_smoothing"] is False and m["wall_seconds"] < 60
+    assert m["trained_with_label_smoothing"] is False
 
 
 def test_two_processes_count_each_val_image_once(tmp_path):
@@ -112,6 +111,49 @@ def test_distill_run_runs_the_teacher_stage(tmp_path):
     r = run(["distill", "run", "recipes/tiny-vit.yaml", *overrides])
     assert r.returncode == 0, r.stderr[-3000:]
     check_run_dir(tmp_path / "tiny-vit", "recipes/tiny-vit.yaml", overrides)
+
+
+def test_users_own_data_image_folder_and_csv(tmp_path):
+    """Real photos of mixed sizes and modes in an image folder, and Fashion-MNIST PNGs listed in a CSV."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from distill.recipe import DataConfig
+
+    # image folder: crops of scikit-image's bundled photos (RGB of several sizes, and grey ones)
+    photos = {"animal": [skimage.data.chelsea(), skimage.data.cat()],
+              "object": [skimage.data.coffee(), skimage.data.rocket(), skimage.data.camera()]}
+    rng = np.random.default_rng(0)
+    for cls, images in photos.items():
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(30):
+            img = images[i % len(images)]
+            h, w = img.shape[:2]
+            y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
+            Image.fromarray(img[y:y + 2 * h // 3, x:x + 2 * w // 3]).save(tmp_path / "folder" / cls / f"{i}.png")
+    r = run(["distill", "teach", "recipes/tiny-vit.yaml", f"output_dir={tmp_path / 'runs'}", "name=folder",
+             "data.source=imagefolder", f"data.root={tmp_path / 'folder'}", "data.subset=null", "teacher.epochs=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "runs" / "folder" / "teacher" / "metrics.json").read_text())
+    assert m["classes"] == ["animal", "object"] and m["num_images"] == 12  # a stratified 0.2 of 60
+
+    # CSV: Fashion-MNIST images written as PNG files, paths relative to the CSV, custom column names
+    train, _ = load_splits(DataConfig(subset=600))
+    (tmp_path / "csv" / "img").mkdir(parents=True)
+    lines = ["file,garment"]
+    for i in range(len(train)):
+        Image.fromarray(train.load(i)[:, :, 0]).save(tmp_path / "csv" / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{train.classes[train.labels[i]]}")
+    (tmp_path / "csv" / "train.csv").write_text("\n".join(lines) + "\n")
+    r = run(["distill", "teach", "recipes/tiny-timm.yaml", f"output_dir={tmp_path / 'runs'}", "name=csv",
+             "data.source=csv", f"data.root={tmp_path / 'csv' / 'train.csv'}", "data.path_column=file",
+             "data.label_column=garment", "data.subset=null", "data.val_fraction=0.25",
+             "teacher.batch_size=16", "teacher.epochs=6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "runs" / "csv" / "teacher" / "metrics.json").read_text())
+    assert m["num_images"] == 150 and sorted(m["classes"]) == sorted(train.classes)
+    assert m["top1"] > 0.5  # 450 training images, 6 epochs; chance is 0.1: labels arrived right
 
 
 # --- bad input: one `error:` line, exit 2, nothing written -----------------------------------------
