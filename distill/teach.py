@@ -65,7 +65,8 @@ def main(argv=None):
     train_split, val_split = load_splits(recipe.data)
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
-    train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
+    train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train",
+                               seed=recipe.seed + accelerator.process_index)
     eval_tf = build_transform(cfg.augment.eval, "eval", pre, where="teacher.augment.eval")
     train_loader = make_loader(ImageDataset(train_split, train_tf), cfg.batch_size, recipe, train=True,
                                world_size=accelerator.num_processes)
@@ -102,7 +103,8 @@ def main(argv=None):
         model.train()
         epoch_start = time.perf_counter()
         bar = tqdm(train_loader, desc=f"teacher {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (recipe.log.progress and accelerator.is_local_main_process))
+                   # None: tqdm hides itself when stderr is not a terminal (CI logs, files)
+                   disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
         for x, y in bar:
             with accelerator.accumulate(model):
                 mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)

@@ -1,4 +1,5 @@
 """teach.py end to end on real Fashion-MNIST subsets: the run directory contract, accuracy, errors, 2 processes."""
+import itertools
 import json
 import os
 import subprocess
@@ -98,9 +99,9 @@ def test_training_options_work_together(tmp_path):
     lr = [e.value for e in events.Scalars("train/lr")]
     assert len(lr) == 3 * (640 // 32 // 2)  # one optimizer step per 2 batches of 32
     warm = 640 // 32 // 2
-    assert all(a < b for a, b in zip(lr[:warm - 1], lr[1:warm]))  # linear warm-up to the peak
+    assert all(a < b for a, b in itertools.pairwise(lr[:warm]))  # linear warm-up to the peak
     assert lr[warm - 1] == pytest.approx(m["lr"], rel=0.05)
-    assert all(a >= b for a, b in zip(lr[warm:], lr[warm + 1:]))  # then cosine down
+    assert all(a >= b for a, b in itertools.pairwise(lr[warm - 1:]))  # then cosine down
     assert lr[-1] < 0.1 * m["lr"]
     for tag in ("train/loss", "train/loss_ce", "val/top1", "val/macro_f1", "val/nll", "val/ece"):
         assert events.Scalars(tag), tag
