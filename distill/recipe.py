@@ -60,6 +60,10 @@ class DataConfig:
     split_seed: int = 0
     # keep N images per split, stratified (quick runs)
     subset: int | None = field(default=None, metadata=_at_least(1))
+    # extra images without labels for the soft-target store: an image folder, or "rest" = the built-in
+    # train images that data.subset left out (their labels dropped)
+    unlabeled: str | None = None
+    unlabeled_subset: int | None = field(default=None, metadata=_at_least(1))
     path_column: str = "path"
     label_column: str = "label"
     num_workers: int = field(default=0, metadata=_at_least(0))
@@ -128,6 +132,27 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class TargetsConfig:
+    """The soft-target store teach.py exports: V augmented views + 1 center view per training image."""
+
+    export: bool = True  # export after fine-tuning (teach.py --export-only exports a saved teacher)
+    views: int = field(default=4, metadata=_at_least(1))
+    # the student's random-resized-crop and flip, drawn once per (sample, view) and stored
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = field(default=0.5, metadata=_unit())
+    # the center view: this fraction of the shorter side, centred (the student's test crop)
+    center_crop_pct: float = field(default=1.0, metadata=_half_open_unit())
+    # auto: full float16 logits up to full_max_classes classes, else top-k logits + log-sum-exp
+    logits: Literal["auto", "full", "topk"] = "auto"
+    topk: int = field(default=20, metadata=_at_least(1))
+    full_max_classes: int = field(default=100, metadata=_at_least(2))
+    shard_size: int = field(default=4096, metadata=_at_least(1))  # samples per shard
+    batch_size: int = field(default=64, metadata=_at_least(1))  # samples per teacher batch (x (views + 1))
+    seed: int | None = None  # null: the recipe's seed
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     name: str
     model: str  # "timm:<name>"
@@ -155,6 +180,7 @@ class Recipe:
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
+    targets: TargetsConfig = TargetsConfig()
     students: list[StudentConfig] = field(default_factory=list)
     log: LogConfig = LogConfig()
 
@@ -296,6 +322,12 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not s.model.startswith(("hf:", "timm:")):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
+    t = recipe.targets
+    for key in ("scale", "ratio"):
+        lo, hi = getattr(t, key)
+        if not 0 < lo <= hi or (key == "scale" and hi > 1):
+            raise DistillError(f"targets.{key}: expected [low, high] with 0 < low <= high"
+                               f"{' <= 1' if key == 'scale' else ''}, got {[lo, hi]}")
     for section in ("train", "eval"):
         for j, t in enumerate(getattr(recipe.teacher.augment, section) or []):
             if not isinstance(t.get("name"), str):
