@@ -1,36 +1,48 @@
-"""The `distill` console command: run / teach (later: learn, compare) on one recipe."""
+"""The `distill` console command: run / teach / inspect (later: learn, compare) on one recipe or run."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from distill.errors import exit_on_error
+from distill.errors import DistillError, exit_on_error
 
-STAGES = ("teach",)
+COMMANDS = {
+    "run": "every stage of a recipe in order: distill run recipe.yaml [key.path=value ...]",
+    "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
+             "[--export-only] [--rebuild-targets]",
+    "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
+}
 
 
 @exit_on_error
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="distill",
-        description="Teacher→student knowledge distillation for image classification.",
-        epilog="Multi-process or GPU runs: accelerate launch distill/teach.py recipe.yaml",
-    )
-    parser.add_argument("command", choices=("run",) + STAGES, help="run = every stage in order")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="recipe.yaml [key.path=value ...]")
-    args = parser.parse_args(argv[:1])
-    rest = argv[1:]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: distill {run,teach,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
+        usage += "\n\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml"
+        if argv and argv[0] not in ("-h", "--help"):
+            raise DistillError(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
+                               "(distill --help)")
+        print(usage)
+        return None
+    command, rest = argv[0], argv[1:]
+    if command == "inspect":
+        from distill import targets
+        parser = argparse.ArgumentParser(prog="distill inspect", description=COMMANDS["inspect"])
+        parser.add_argument("store", help="a targets/ directory, or a run directory holding one")
+        args = parser.parse_args(rest)
+        from pathlib import Path
+        path = Path(args.store)
+        print(targets.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
+        return None
 
-    if args.command == "teach":
-        from distill import teach
-        return teach.main(rest)
-    # run: check the whole recipe before any stage starts, then each stage in order
     from distill import teach
-    from distill.recipe import load_recipe
-    stage_args = teach.parse_args(rest)
-    load_recipe(stage_args.recipe, stage_args.overrides)
-    teach.main(rest)
+    if command == "run":
+        # check the whole recipe before any stage starts
+        from distill.recipe import load_recipe
+        stage_args = teach.parse_args(rest)
+        load_recipe(stage_args.recipe, stage_args.overrides)
+    return teach.main(rest)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Datasets (fashion-mnist, digits, imagefolder, csv), stratified splits and subsets, albumentations pipelines."""
+"""Datasets (fashion-mnist, digits, imagefolder, csv), unlabeled images, stratified splits and subsets, albumentations pipelines."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import difflib
+import functools
 import gzip
 import inspect
 import logging
@@ -42,6 +43,8 @@ _IDX_FILES = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Used when the source has no validation split of its own and data.val_fraction is null.
 DEFAULT_VAL_FRACTION = 0.2
+# The label of an image that has none (data.unlabeled); such rows are never stratified.
+UNLABELED = -1
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class Split:
 
     Images live either in memory (`images`, N x H x W [x C] uint8, the builtins) or on disk
     (`paths`, read with PIL on demand). `ids` are the rows' indices in the source split, so
-    `describe()` still names the original image after `subset()`.
+    `describe()` still names the original image after `subset()`. Labels are UNLABELED (-1) in the
+    split `load_unlabeled` returns.
     """
 
     def __init__(
@@ -145,6 +149,8 @@ def stratified_indices(labels: Sequence[int] | np.ndarray, n: int, seed: int, *,
     are a prefix of a permutation seeded by (seed, class position).
     """
     labels = np.asarray(labels)
+    if (labels == UNLABELED).any():
+        raise ValueError("stratified_indices: unlabeled rows (-1) have no class to stratify by")
     classes, counts = np.unique(labels, return_counts=True)
     caps = np.maximum(counts - leave, 0)
     n = int(min(n, caps.sum()))
@@ -301,6 +307,18 @@ def _idx_path(folder: Path, name: str) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """An idx file of unsigned bytes (the MNIST format), gzipped or not, as a read-only uint8 array."""
     try:
+        stat = path.stat()
+    except OSError as e:
+        raise DistillError(f"{path}: cannot read ({e}); replace the file") from None
+    return _parse_idx(path, stat.st_mtime_ns, stat.st_size)
+
+
+# load_splits and load_unlabeled("rest") both need the train images and a parse takes ~0.5 s; the
+# arrays are read-only, so callers can share them. mtime and size are in the key so a replaced file is
+# read again.
+@functools.lru_cache(maxsize=4)
+def _parse_idx(path: Path, mtime_ns: int, size: int) -> np.ndarray:
+    try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             data = f.read()
     except (OSError, EOFError) as e:
@@ -351,15 +369,25 @@ def _scan_folder(root: Path, key: str) -> tuple[list[str], list[str], np.ndarray
         raise DistillError(f"{key}: {root} has no class folders; expected {root}/<class>/<image>")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found = []
-        for folder, _, files in os.walk(root / name, followlinks=True):
-            found += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = _image_files(root / name)
         if not found:
             raise DistillError(f"{key}: class folder {root / name} has no images "
                                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
-        paths += sorted(found)  # os.walk order is the filesystem's; sorting makes splits reproducible
+        paths += found
         labels += [label] * len(found)
     return classes, paths, np.array(labels, dtype=np.int64)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """The images under `folder`, recursively, sorted (os.walk order is the filesystem's; sorting makes
+    splits reproducible). Hidden folders and files are skipped: .ipynb_checkpoints holds copies, and
+    macOS's ._x.jpg files are metadata that PIL cannot read."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(parent, f) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
 
 
 def _load_csv(cfg: DataConfig) -> tuple[Split, Split | None]:
@@ -437,6 +465,64 @@ _SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Split | None]]] = {
     "imagefolder": _load_imagefolder,
     "csv": _load_csv,
 }
+_BUILTINS = ("fashion-mnist", "digits")
+
+
+# --- unlabeled images ---------------------------------------------------------
+def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
+    """Extra images without labels (all UNLABELED) from data.unlabeled; None when it is not set.
+
+    "rest" is the built-in source's train images that neither `train` nor `val` uses (what
+    data.subset left out), with their source rows as ids; anything else is a folder of images,
+    searched recursively. data.unlabeled_subset then keeps N of them, a seeded random choice.
+    The split keeps train's classes, so the class count is known.
+    """
+    if cfg.unlabeled is None:
+        if cfg.unlabeled_subset is not None:
+            raise DistillError("data.unlabeled_subset: set without data.unlabeled; give data.unlabeled "
+                               "(a folder of images, or 'rest') or remove it")
+        return None
+    if cfg.unlabeled == "rest":
+        return _unlabeled_rest(cfg, train, val)
+    folder = Path(cfg.unlabeled).expanduser()
+    if not cfg.unlabeled.strip() or not folder.is_dir():
+        raise DistillError(f"data.unlabeled: folder {cfg.unlabeled!r} does not exist; give a folder of "
+                           "images, or 'rest' for the unused train images of a built-in source")
+    paths = _image_files(folder)
+    if not paths:
+        raise DistillError(f"data.unlabeled: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; "
+                           "add images or point it at another folder")
+    keep = _unlabeled_rows(len(paths), cfg)
+    return Split(train.classes, np.full(len(keep), UNLABELED), paths=[paths[i] for i in keep],
+                 name=str(folder), ids=keep)
+
+
+def _unlabeled_rest(cfg: DataConfig, train: Split, val: Split) -> Split:
+    if cfg.source not in _BUILTINS:
+        raise DistillError(f"data.unlabeled: 'rest' means the unused train images of a built-in source "
+                           f"({', '.join(_BUILTINS)}); with data.source {cfg.source} give a folder of images "
+                           "instead (./rest for a folder named rest)")
+    source, _ = _SOURCES[cfg.source](cfg)  # cheap again: the idx files are cached
+    # val_fraction carves val out of the same source split, so its rows are used too
+    used = [s.ids for s in (train, val) if s.name == source.name]
+    rows = np.setdiff1d(source.ids, np.concatenate(used)) if used else source.ids
+    if len(rows) == 0:
+        raise DistillError(f"data.unlabeled: 'rest' is empty, train and validation use all {len(source)} "
+                           f"images of {source.name}; set data.subset to leave some out, or give a folder "
+                           "of images")
+    rows = rows[_unlabeled_rows(len(rows), cfg)]
+    # a builtin source split's ids are its row positions
+    return Split(train.classes, np.full(len(rows), UNLABELED), images=source.images[rows],
+                 name=source.name, ids=rows)
+
+
+def _unlabeled_rows(n: int, cfg: DataConfig) -> np.ndarray:
+    """Sorted indices of data.unlabeled_subset of `n` rows (all of them when unset or larger)."""
+    k = cfg.unlabeled_subset
+    if k is None or k >= n:
+        return np.arange(n)
+    # plain random, not stratified: there are no labels to stratify by
+    return np.sort(np.random.default_rng(cfg.split_seed).choice(n, size=k, replace=False))
 
 
 # --- transforms ---------------------------------------------------------------

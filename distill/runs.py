@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 from distill.recipe import to_plain
 
 LOWER_IS_BETTER = {"nll", "ece"}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -21,6 +23,7 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; run outputs are meant to be shared
     os.replace(tmp, path)
 
 

@@ -1,6 +1,7 @@
-"""Entry: fine-tune the teacher of a recipe (Accelerate, mixed precision), keep its best checkpoint and metrics.
+"""Entry: fine-tune the teacher of a recipe (Accelerate, mixed precision), keep its best checkpoint and metrics,
+then export its soft targets (targets/).
 
-    accelerate launch distill/teach.py recipe.yaml [key.path=value ...]
+    accelerate launch distill/teach.py recipe.yaml [key.path=value ...] [--export-only] [--rebuild-targets]
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from accelerate.utils import set_seed
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from distill.data import ImageDataset, build_transform, load_splits
-from distill.errors import exit_on_error
+from distill import targets
+from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
+from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
 from distill.losses import smooth_one_hot, soft_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
-from distill.models import build_model, count_params, param_groups, save_model
+from distill.models import build_model, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
 from distill.runs import better, hparams, make_loader, write_json, write_text
 
@@ -35,6 +37,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="distill teach", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.epochs=3")
+    p.add_argument("--export-only", action="store_true",
+                   help="skip fine-tuning: export the soft targets of the saved teacher (resumes a partial export)")
+    p.add_argument("--rebuild-targets", action="store_true",
+                   help="replace a soft-target store built for another teacher, dataset or view spec")
     return p.parse_args(argv)
 
 
@@ -60,6 +66,14 @@ def main(argv=None):
         project_dir=str(run_dir / "tb"),
     )
     set_seed(recipe.seed)
+    if args.export_only:
+        export_targets(recipe, accelerator, args.rebuild_targets)
+        accelerator.end_training()
+        return
+    if recipe.targets.export and _has_files(run_dir / "targets") and not args.rebuild_targets:
+        raise DistillError(f"targets: {run_dir / 'targets'} holds a store of an earlier teacher, which a new "
+                           "fine-tune makes stale; pass --rebuild-targets to replace it after training, or "
+                           "--export-only to finish exporting the saved teacher")
 
     # Build everything that can fail on bad input before anything is written.
     train_split, val_split = load_splits(recipe.data)
@@ -163,7 +177,33 @@ def main(argv=None):
             "history": history,
         })
         accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if recipe.targets.export:
+        export_targets(recipe, accelerator, args.rebuild_targets)
+    accelerator.end_training()  # last: it also tears down the process group
+
+
+def export_targets(recipe, accelerator, rebuild: bool) -> dict:
+    """Soft targets of the saved (best) teacher for every training and unlabeled image: targets/."""
+    teacher_dir = recipe.run_dir / "teacher"
+    if not (teacher_dir / "model.json").is_file():
+        raise DistillError(f"targets: no saved teacher in {teacher_dir}; fine-tune it first "
+                           f"(teach.py without --export-only)")
+    model, pre, info = load_model(teacher_dir)
+    train_split, val_split = load_splits(recipe.data)
+    unlabeled = load_unlabeled(recipe.data, train_split, val_split)
+    if info["classes"] != train_split.classes:
+        raise DistillError(f"targets: the teacher in {teacher_dir} was trained on classes {info['classes'][:5]}…, "
+                           f"the data has {train_split.classes[:5]}…; fine-tune the teacher on this data first")
+    seed = recipe.seed if recipe.targets.seed is None else recipe.targets.seed
+    return targets.export(model.to(accelerator.device), pre, targets.Samples(train_split, unlabeled),
+                          train_split.classes, recipe.targets, seed, recipe.run_dir / "targets", accelerator,
+                          targets.teacher_record(info), rebuild=rebuild, num_workers=recipe.data.num_workers,
+                          progress=recipe.log.progress)
+
+
+def _has_files(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
 
 
 def _smoothing_record(recipe) -> dict:

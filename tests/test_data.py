@@ -17,6 +17,7 @@ from distill.data import (
     Split,
     build_transform,
     load_splits,
+    load_unlabeled,
     stratified_indices,
 )
 from distill.errors import DistillError
@@ -322,6 +323,101 @@ def test_seeded_transform_repeats():
     a = build_transform(None, "train", PRE, seed=5)
     b = build_transform(None, "train", PRE, seed=5)
     assert all(torch.equal(a(image), b(image)) for _ in range(3))
+
+
+# --- unlabeled images ---------------------------------------------------------
+def _unlabeled(**kwargs):
+    cfg = DataConfig(**kwargs)
+    train, val = load_splits(cfg)
+    return train, val, load_unlabeled(cfg, train, val)
+
+
+@needs_fashion
+def test_unlabeled_rest_of_fashion_mnist():
+    train, val, rest = _unlabeled(subset=500, unlabeled="rest")
+    # val is the test split, so only train's rows are taken
+    assert val.name == "fashion-mnist:test"
+    assert len(rest) == 60000 - 500 and rest.name == "fashion-mnist:train"
+    assert rest.labels.dtype == np.int64 and (rest.labels == -1).all()
+    assert not set(rest.ids) & set(train.ids) and rest.classes == train.classes
+    assert rest.describe(0) == f"fashion-mnist:train:{rest.ids[0]}"
+    # its pixels are the source rows it names
+    full, _ = load_splits(DataConfig())
+    assert (rest.load(7) == full.load(rest.ids[7])).all()
+    assert (rest.subset([3, 1]).labels == -1).all()
+
+
+@needs_fashion
+def test_unlabeled_rest_excludes_a_carved_val_split():
+    train, val, rest = _unlabeled(subset=300, val_fraction=0.1, unlabeled="rest")
+    assert val.name == rest.name == "fashion-mnist:train"
+    assert len(train) + len(val) + len(rest) == 60000
+    assert len(set(train.ids) | set(val.ids) | set(rest.ids)) == 60000
+
+
+def test_unlabeled_rest_of_digits_and_nothing_left():
+    train, val, rest = _unlabeled(source="digits", subset=100, unlabeled="rest")
+    assert rest.name == "digits:all" and len(rest) == 1797 - 200 and (rest.labels == -1).all()
+    assert not set(rest.ids) & (set(train.ids) | set(val.ids))
+    with pytest.raises(DistillError, match=r"^data\.unlabeled: 'rest' is empty.*data\.subset"):
+        _unlabeled(source="digits", unlabeled="rest")
+
+
+def test_unlabeled_subset_is_seeded():
+    cfg = DataConfig(source="digits", subset=100, unlabeled="rest", unlabeled_subset=1000)
+    train, val = load_splits(cfg)
+    picked = load_unlabeled(cfg, train, val)
+    assert len(picked) == 1000 and (np.diff(picked.ids) > 0).all()
+    assert (load_unlabeled(cfg, train, val).ids == picked.ids).all()
+    other = DataConfig(source="digits", subset=100, unlabeled="rest", unlabeled_subset=1000, split_seed=1)
+    train, val = load_splits(other)
+    assert not (load_unlabeled(other, train, val).ids == picked.ids).all()
+    # more than there are: all of them
+    assert len(_unlabeled(source="digits", subset=100, unlabeled="rest", unlabeled_subset=5000)[2]) == 1597
+
+
+def test_unlabeled_image_folder(tmp_path):
+    images = tmp_path / "unlabeled"
+    for name in ("b.png", "a/2.png", "a/deep/1.png", ".hidden/x.png", "a/._meta.png"):
+        _write(images / name, "RGB")
+    (images / "a" / "notes.txt").write_text("not an image")
+    train, val, extra = _unlabeled(source="digits", unlabeled=str(images))
+    assert [extra.describe(i) for i in range(len(extra))] == [str(images / n) for n in ("a/2.png", "a/deep/1.png",
+                                                                                          "b.png")]
+    assert (extra.labels == -1).all() and extra.classes == train.classes
+    assert extra.load(2).shape == (10, 12, 3)
+
+    cfg = DataConfig(source="digits", unlabeled=str(images), unlabeled_subset=2)
+    picked = load_unlabeled(cfg, train, val)
+    assert len(picked) == 2 and picked.paths == [extra.paths[i] for i in picked.ids]
+
+
+def test_unlabeled_errors(folder, tmp_path):
+    cfg = DataConfig(source="imagefolder", root=str(folder), unlabeled="rest")
+    train, val = load_splits(cfg)
+    with pytest.raises(DistillError, match=r"^data\.unlabeled: 'rest' .*give a folder of images"):
+        load_unlabeled(cfg, train, val)
+    with pytest.raises(DistillError, match=r"^data\.unlabeled: folder .*missing.* does not exist"):
+        _unlabeled(source="digits", unlabeled=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match=r"^data\.unlabeled: no images"):
+        _unlabeled(source="digits", unlabeled=str(tmp_path / "empty"))
+    with pytest.raises(DistillError, match=r"^data\.unlabeled_subset: set without data\.unlabeled"):
+        _unlabeled(source="digits", unlabeled_subset=10)
+    assert _unlabeled(source="digits")[2] is None
+
+
+def test_unlabeled_rows_are_never_stratified():
+    with pytest.raises(ValueError, match="unlabeled"):
+        stratified_indices(np.array([0, 1, -1]), 2, seed=0)
+
+
+@needs_fashion
+def test_idx_files_are_parsed_once():
+    data._parse_idx.cache_clear()
+    _unlabeled(subset=10, unlabeled="rest")
+    info = data._parse_idx.cache_info()
+    assert info.misses == 4 and info.hits >= 4
 
 
 # --- the torch dataset --------------------------------------------------------

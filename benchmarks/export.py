@@ -1,0 +1,267 @@
+"""Benchmark: soft-target export speed vs the bare teacher forward, store size, random-row reads vs a student step, top-k error.
+
+    python benchmarks/export.py [--samples 2000] [--views 4] [--input-size 64] [--workers 1]
+
+The teacher is the efficientnet-lite0 card (real ImageNet weights from a pip package, offline) on
+Fashion-MNIST; it is not fine-tuned: a speed benchmark does not depend on what the head learned.
+Prints markdown tables; always exits 0 (targets are reported as PASS/FAIL).
+"""
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill import targets
+from distill.data import load_splits
+from distill.models import build_model, save_model
+from distill.recipe import recipe_from_dict
+
+EXPORT_TARGET, READ_TARGET = 0.9, 5.0  # export/forward >= 0.9; a read batch <= 5 % of a student step
+TOPK = (5, 10, 20)
+TEMPERATURES = (1.0, 4.0)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=2000, help="Fashion-MNIST training images in the store")
+    p.add_argument("--views", type=int, default=4, help="random views per sample (+1 center view)")
+    p.add_argument("--input-size", type=int, default=64, help="teacher input size (px)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the export (render while forwarding)")
+    p.add_argument("--topk-samples", type=int, default=200, help="samples of the 1000-class store for the top-k error")
+    p.add_argument("--read-batches", type=int, default=200, help="random 128-row batches read from the store")
+    return p.parse_args()
+
+
+def make_recipe(args):
+    """The benchmark's recipe: the card's teacher at --input-size, as recipes/fashion-mnist.yaml overrides it."""
+    return recipe_from_dict({
+        "name": "bench-export", "data": {"source": "fashion-mnist", "subset": args.samples},
+        "teacher": {"card": "efficientnet-lite0", "input_size": args.input_size},
+        "targets": {"views": args.views, "logits": "full"},
+    })
+
+
+def build_teacher(recipe, classes: list[str], out: Path):
+    """The card's model for `classes`, saved once so its sha256 goes into the store as teach.py's does."""
+    model, pre = build_model(recipe.teacher, len(classes), classes=classes)
+    info = save_model(model, pre, out, classes,
+                      extra={"pretrain_label_smoothing": recipe.teacher.pretrain_label_smoothing})
+    return model, pre, targets.teacher_record(info)
+
+
+def prerender(samples, spec, seed, pre) -> list[torch.Tensor]:
+    """The export's batches, rendered ahead: [batch_size * (views + 1), 3, S, S] each, in export order.
+
+    Left as `to_tensor` makes them: the channels of an HWC image moved to the front, so the memory is
+    channels-last (what the export's forward gets with 0 workers; a worker's collate makes it NCHW).
+    """
+    views = []
+    for i in range(len(samples)):
+        image = samples.load(i)
+        params = targets.view_params(spec, seed, i, *image.shape[:2])
+        views.append(np.stack([targets.render(image, p, pre.input_size, pre.interpolation) for p in params]))
+    return [targets.to_tensor(np.stack(views[lo:lo + spec.batch_size]), pre).flatten(0, 1)
+            for lo in range(0, len(views), spec.batch_size)]
+
+
+def bare_forward(model, batches, accelerator) -> float:
+    """Seconds for the teacher alone over the pre-rendered batches, exactly as export() calls it."""
+    model.eval().requires_grad_(False)
+    start = time.perf_counter()
+    for x in batches:
+        with torch.inference_mode(), accelerator.autocast():
+            z = model(x.to(accelerator.device))
+        z.float().cpu()
+    return time.perf_counter() - start
+
+
+def student_step_seconds(steps: int = 4) -> float:
+    """Median wall time of one resnet18 training step: batch 128 at 32 px, forward + backward + SGD."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    times = []
+    for i in range(steps + 1):  # one warm-up step
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 1:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def read_seconds(store, batches: int, batch: int = 128) -> float:
+    """Seconds per `store.rows` call on `batch` random (sample, view) pairs."""
+    rng = np.random.default_rng(0)
+    picks = [(rng.integers(store.num_samples, size=batch), rng.integers(store.rows_per_sample, size=batch))
+             for _ in range(batches + 5)]
+    for s, v in picks[:5]:  # map the shards, as a worker's first batches do
+        store.rows(s, v)
+    start = time.perf_counter()
+    for s, v in picks[5:]:
+        store.rows(s, v)
+    return (time.perf_counter() - start) / batches
+
+
+def topk_errors(full: np.ndarray, k: int) -> dict:
+    """KL(full ‖ top-k reconstruction) per row at each temperature, the reconstruction by the library."""
+    z = torch.from_numpy(full)
+    top = z.topk(k, dim=-1)
+    lse = z.logsumexp(-1).numpy()
+    # float16 top-k values as the store keeps them (already exact: `full` came out of a float16 store)
+    values = top.values.half().float().numpy()
+    recon = targets.reconstruct_topk(values, top.indices.numpy().astype(np.int16), lse, full.shape[1])
+    out = {"tail": float((1 - np.exp(values - lse[:, None]).sum(1)).mean())}
+    for t in TEMPERATURES:
+        logp = torch.from_numpy(full).double().div(t).log_softmax(-1)
+        logq = torch.from_numpy(recon).double().div(t).log_softmax(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        out[t] = (float(kl.mean()), float(kl.max()))
+    return out
+
+
+def table(header: list[str], *rows: list) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main():
+    args = parse_args()
+    from accelerate import Accelerator
+
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    accelerator = Accelerator(cpu=True)
+    sections = []  # printed at the end, so the library's own log lines do not cut into the tables
+
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        tmp = Path(tmp)
+        recipe = make_recipe(args)
+        train, _ = load_splits(recipe.data)
+        samples = targets.Samples(train)
+        model, pre, teacher = build_teacher(recipe, train.classes, tmp / "teacher")
+        spec, seed = recipe.targets, recipe.seed
+
+        # 1. export vs the bare forward on the same views and batches
+        batches = prerender(samples, spec, seed, pre)
+        n_views = sum(len(b) for b in batches)
+        bare_forward(model, batches[:1], accelerator)  # warm-up: oneDNN builds its kernels on first use
+        fwd_s = bare_forward(model, batches, accelerator)
+        t0 = time.perf_counter()
+        manifest = targets.export(model, pre, samples, train.classes, spec, seed, tmp / "targets", accelerator,
+                                  teacher, num_workers=args.workers, progress=False)
+        exp_s = time.perf_counter() - t0
+        # the same views as NCHW-contiguous tensors, as a DataLoader worker's collate hands them to the
+        # export; a quarter of the batches is enough for a rate and keeps the run short
+        nchw = [b.contiguous() for b in batches[:max(1, len(batches) // 4)]]
+        n_nchw = sum(len(b) for b in nchw)
+        nchw_s = bare_forward(model, nchw, accelerator)
+        loop = manifest["export"]
+        ratio, ratio_nchw = fwd_s / exp_s, (nchw_s / n_nchw) / (exp_s / n_views)
+        sections.append(("1. Export throughput vs the bare teacher forward", table(
+            ["measurement", "views", "seconds", "views/s"],
+            ["bare teacher forward, pre-rendered `to_tensor` output (channels-last memory)", n_views,
+             f"{fwd_s:.1f}", f"{n_views / fwd_s:.1f}"],
+            ["bare teacher forward, the same views made NCHW-contiguous (as a DataLoader worker collates them)",
+             n_nchw, f"{nchw_s:.1f}", f"{n_nchw / nchw_s:.1f}"],
+            [f"`targets.export` end to end, {args.workers} DataLoader worker(s)", n_views, f"{exp_s:.1f}",
+             f"{n_views / exp_s:.1f}"],
+            ["export loop alone, as the manifest reports it (`export.views_per_sec`)",
+             loop["rows_exported_now"], f"{loop['seconds']:.1f}", f"{loop['views_per_sec']:.1f}"],
+            ["teacher forward inside the export loop (`export.forward_views_per_sec`)",
+             loop["rows_exported_now"], f"{loop['rows_exported_now'] / loop['forward_views_per_sec']:.1f}",
+             f"{loop['forward_views_per_sec']:.1f}"],
+        ) + "\n\n" + table(
+            ["ratio", "value", "target", "result"],
+            ["export end to end / bare forward (pre-rendered `to_tensor` output)", f"{ratio:.3f}",
+             f"≥ {EXPORT_TARGET}", "PASS" if ratio >= EXPORT_TARGET else "FAIL"],
+            ["export end to end / bare forward (NCHW-contiguous)", f"{ratio_nchw:.3f}", f"≥ {EXPORT_TARGET}",
+             "PASS" if ratio_nchw >= EXPORT_TARGET else "FAIL"],
+        ) + f"\n\nBatches of {spec.batch_size} samples × {spec.views + 1} views = {len(batches[0])} views, "
+            "`inference_mode` + `accelerator.autocast()` (fp32 on CPU) in every row. End to end = the "
+            "`targets.export` call: render in the workers, forward, write and hash the shard, manifest, "
+            "diagnostics."))
+
+        # 2. size on disk
+        store = targets.TargetStore(tmp / "targets")
+        n_rows = store.num_samples * store.rows_per_sample
+        shard_bytes = store.nbytes()
+        dir_bytes = sum(p.stat().st_size for p in (tmp / "targets").iterdir())
+        sections.append(("2. Store size on disk", table(
+            ["classes", "logits", "rows (samples × views)", "logit bytes/view", "shard bytes/view", "shards",
+             "store incl. manifest and sidecars"],
+            [store.num_classes, f"{store.storage} {manifest['logits']['dtype']}",
+             f"{n_rows} ({store.num_samples} × {store.rows_per_sample})", 2 * store.num_classes,
+             f"{shard_bytes / n_rows:.1f}", f"{shard_bytes / 2**20:.3f} MiB", f"{dir_bytes / 2**20:.3f} MiB"],
+        )))
+
+        # 3. random-row reads vs one student step
+        per_batch = read_seconds(store, args.read_batches)
+        step = student_step_seconds()
+        share = 100 * per_batch / step
+        sections.append(("3. Random-row reads vs one student training step", table(
+            ["read", "rows/s", "s/batch", "student step s (resnet18, 128 × 32 px, fwd + bwd + SGD)",
+             "read / step", "target", "result"],
+            [f"`TargetStore.rows`, 128 random (sample, view), {args.read_batches} batches",
+             f"{128 / per_batch:,.0f}", f"{per_batch:.2e}", f"{step:.3f}", f"{share:.3f} %",
+             f"≤ {READ_TARGET:.0f} %", "PASS" if share <= READ_TARGET else "FAIL"],
+        )))
+
+        # 4. top-k error: the card's own 1000-class ImageNet head on the same Fashion-MNIST views
+        n_topk = min(args.topk_samples, len(train))
+        imagenet = [f"imagenet-{i}" for i in range(1000)]
+        model_k, pre_k, teacher_k = build_teacher(recipe, imagenet, tmp / "teacher-1000")
+        targets.export(model_k, pre_k, targets.Samples(train.subset(np.arange(n_topk))), imagenet, spec, seed,
+                       tmp / "targets-1000", accelerator, teacher_k, num_workers=args.workers, progress=False)
+        store_k = targets.TargetStore(tmp / "targets-1000")
+        every = np.arange(n_topk).repeat(store_k.rows_per_sample)
+        full = store_k.rows(every, np.tile(np.arange(store_k.rows_per_sample), n_topk))["logits"]
+        rows = []
+        for k in TOPK:
+            e, kept = topk_errors(full, k), targets.logits_spec(dataclasses.replace(spec, logits="topk", topk=k), 1000)
+            index_bytes = np.dtype(kept["index_dtype"]).itemsize
+            rows.append([k, k * (2 + index_bytes) + 4, f"{e['tail']:.4f}", *(f"{v:.2e}" for t in TEMPERATURES
+                                                                            for v in e[t])])
+        sections.append(("4. Top-k storage error (efficientnet-lite0 with its 1000-class ImageNet head)", table(
+            ["k", "logit bytes/view (full: 2000)", "mean tail mass T=1", "KL mean T=1", "KL max T=1",
+             "KL mean T=4", "KL max T=4"], *rows,
+        ) + f"\n\n{len(full)} rows ({n_topk} samples × {store_k.rows_per_sample} views) read from a "
+            "`targets.logits: full` float16 store; KL(full ‖ `reconstruct_topk`) in nats, softmax(logits / T) "
+            "on both sides."))
+
+    print("# distill soft-target export benchmark\n")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); load average {load_start:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end\n")
+    print(f"command: `python {' '.join(['benchmarks/export.py', *sys.argv[1:]])}`\n")
+    print(f"teacher: efficientnet-lite0 card (timm tf_efficientnet_lite0, ImageNet weights, a fresh 10-class head) "
+          f"at {args.input_size} px, NOT fine-tuned (speed does not depend on it); Fashion-MNIST {len(samples)} "
+          f"training images × ({args.views} random + 1 center) views; teacher batch {spec.batch_size} samples; "
+          f"export DataLoader workers: {args.workers}\n")
+    for title, text in sections:
+        print(f"## {title}\n\n{text}\n")
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The soft-target store: replayable views, exact export, resume after SIGKILL, 2 processes, refusal, reading."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from distill import targets
+from distill.data import load_splits, load_unlabeled
+from distill.models import load_model
+from distill.recipe import TargetsConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+RECIPE = "recipes/tiny-vit.yaml"
+BASE = ["data.subset=400", "teacher.epochs=1", "targets.shard_size=64", "targets.views=3"]
+
+
+def run(*args, check=True):
+    r = subprocess.run(list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def teach(out, *extra, check=True, launcher=("distill", "teach")):
+    return run(*launcher, RECIPE, f"output_dir={out}", *BASE, *extra, check=check)
+
+
+def fp16_tolerance(z: np.ndarray) -> np.ndarray:
+    # float16 keeps 11 significant bits: rounding moves a value by at most half a unit in the last place
+    return np.abs(z) * 2.0**-11 + 1e-6
+
+
+def all_rows(store):
+    n, r = store.num_samples, store.rows_per_sample
+    return store.rows(np.repeat(np.arange(n), r), np.tile(np.arange(r), n))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny teacher, fine-tuned and exported once for the tests that only read."""
+    out = tmp_path_factory.mktemp("store")
+    teach(out)
+    return out / "tiny-vit"
+
+
+# --- views -------------------------------------------------------------------------
+def test_views_are_deterministic_and_follow_the_spec():
+    spec = TargetsConfig(views=8, scale=(0.25, 1.0), hflip=0.5)
+    a = targets.view_params(spec, 0, 17, 28, 40)
+    assert np.array_equal(a, targets.view_params(spec, 0, 17, 28, 40))  # any process draws the same
+    assert not np.array_equal(a, targets.view_params(spec, 1, 17, 28, 40))
+    boxes = np.stack([targets.draw_view(spec, 0, i, 0, 28, 40) for i in range(500)])
+    assert (boxes[:, :4] >= 0).all() and (boxes[:, :4] <= 1).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert area.min() > 0.2 and area.max() <= 1.0  # scale (0.25, 1), up to pixel rounding
+    assert 0.4 < boxes[:, 4].mean() < 0.6  # half flipped
+    center = a[-1]
+    assert np.allclose(center, [0, (40 - 28) / 2 / 40, 1, (40 + 28) / 2 / 40, 0])  # the shorter side, centred
+
+
+def test_render_crops_the_same_pixels_for_every_model():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    spec = TargetsConfig(views=20)
+    for p in targets.view_params(spec, 3, 0, 37, 53):
+        y0, x0 = round(p[0] * 37), round(p[1] * 53)
+        y1, x1 = round(p[2] * 37), round(p[3] * 53)
+        crop = image[y0:y1, x0:x1]
+        crop = crop[:, ::-1] if p[4] else crop
+        # rendered at the crop's own size there is no resampling: exactly the crop's pixels
+        if y1 - y0 == x1 - x0:
+            assert np.array_equal(targets.render(image, p, y1 - y0, "bilinear"), crop)
+        # any model size resamples that same crop
+        big = targets.render(image, p, 64, "bicubic")
+        assert big.shape == (64, 64, 3) and big.dtype == np.uint8
+
+
+def test_topk_reconstruction_keeps_the_top_and_the_tail_mass():
+    z = torch.randn(50, 100) * 3
+    lse = z.logsumexp(-1)
+    for k in (5, 20, 100):
+        top = z.topk(k, -1)
+        rec = torch.from_numpy(targets.reconstruct_topk(top.values.numpy(), top.indices.numpy(), lse.numpy(), 100))
+        p, q = z.softmax(-1), rec.softmax(-1)
+        assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-5)
+        assert torch.allclose(q.sum(-1), torch.ones(50), atol=1e-5)
+        kl = (p * (p.log() - q.log())).sum(-1)
+        assert (kl >= -1e-6).all()
+        if k == 100:
+            assert kl.abs().max() < 1e-5
+
+
+def test_label_smoothing_signature():
+    """A label-smoothed teacher's outputs (ceiling 1 - α + α/K, even tail) are flagged; a peaked one is not."""
+    k, n = 10, 400
+    labels = np.arange(n) % k
+    rng = np.random.default_rng(0)
+
+    def fake_store(probs):
+        logits = np.log(probs).astype(np.float32)
+        manifest = {"num_labeled": n, "center_view": 1}
+        rows = lambda s, v: {"logits": logits[s], "label": labels[s]}
+        return SimpleNamespace(manifest=manifest, num_classes=k, rows_per_sample=2, views=1, rows=rows)
+
+    alpha = 0.1
+    smooth = np.full((n, k), alpha / k)
+    smooth[np.arange(n), labels] = 1 - alpha + alpha / k
+    d = targets.diagnostics(fake_store(smooth))
+    assert d["label_smoothing_suspected"] and d["implied_alpha"] == pytest.approx(alpha, abs=1e-4)
+    assert d["top1_center"] == 1.0
+
+    peaked = rng.dirichlet(np.full(k, 0.1), n) * 0.002  # uneven tail ...
+    peaked[np.arange(n), labels] = 0.998  # ... under a confident top class
+    peaked /= peaked.sum(1, keepdims=True)
+    d = targets.diagnostics(fake_store(peaked))
+    assert not d["label_smoothing_suspected"] and d["implied_alpha"] < 0.01
+
+
+# --- export and replay ------------------------------------------------------------------
+def test_store_layout_and_manifest(run_dir):
+    m = json.loads((run_dir / "targets" / "manifest.json").read_text())
+    assert m["complete"] and m["num_samples"] == 400 and m["views"] == 3 and m["rows_per_sample"] == 4
+    assert m["logits"] == {"storage": "full", "dtype": "float16"}
+    assert len(m["shards"]) == 7 and sum(s["num_samples"] for s in m["shards"]) == 400
+    teacher_info = json.loads((run_dir / "teacher" / "model.json").read_text())
+    assert m["teacher"]["sha256"] == teacher_info["sha256"]
+    assert m["teacher"]["trained_with_label_smoothing"] is True  # the recipe fine-tunes with 0.1
+    for key in ("top1_views", "top1_center", "mean_max_prob", "implied_alpha", "nontarget_uniformity",
+                "label_smoothing_suspected"):
+        assert key in m["diagnostics"]
+    for s in m["shards"]:
+        assert targets.sha256_file(run_dir / "targets" / s["file"]) == s["sha256"]
+    assert not list((run_dir / "targets").glob(".*tmp"))
+
+
+def test_replaying_a_view_reproduces_the_stored_logits(run_dir):
+    store = targets.TargetStore(run_dir / "targets")
+    model, pre, _ = load_model(run_dir / "teacher")
+    recipe = load_recipe(ROOT / RECIPE, [f"output_dir={run_dir.parent}", *BASE])
+    train, _ = load_splits(recipe.data)
+    rng = np.random.default_rng(1)
+    samples, views = rng.integers(0, 400, 64), rng.integers(0, 4, 64)
+    rows = store.rows(samples, views)
+    pixels = np.stack([targets.render(train.load(i), p, pre.input_size, pre.interpolation)
+                       for i, p in zip(samples, rows["params"])])
+    with torch.inference_mode():
+        z = model.eval()(targets.to_tensor(pixels, pre)).numpy()
+    diff = np.abs(z - rows["logits"])
+    print(f"replay: max |logit - stored| = {diff.max():.2e} over {len(samples)} random rows")
+    assert (diff <= fp16_tolerance(z)).all(), diff.max()
+    # the stored params are the ones the generator draws for (seed, sample, view)
+    spec = recipe.targets
+    for i, v, p in zip(samples, views, rows["params"]):
+        image = train.load(i)
+        expected = targets.view_params(spec, recipe.seed, int(i), *image.shape[:2])[v]
+        assert np.array_equal(p, expected)
+
+
+def test_replay_dataset_gives_the_student_the_teachers_view(run_dir):
+    store = targets.TargetStore(run_dir / "targets")
+    recipe = load_recipe(ROOT / RECIPE, [f"output_dir={run_dir.parent}", *BASE])
+    train, _ = load_splits(recipe.data)
+    student = targets.Preprocess(input_size=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    ds = targets.ReplayDataset(store, targets.Samples(train), student, seed=0)
+    seen = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        seen.add(ds.view_of(5))
+        x, label, logits = ds[5]
+        row = store.row(5, ds.view_of(5))
+        assert x.shape == (3, 40, 40) and label == train.labels[5]
+        assert torch.equal(logits, torch.from_numpy(row["logits"]))
+        expected = targets.to_tensor(targets.render(train.load(5), row["params"], 40, "bicubic"), student)
+        assert torch.equal(x, expected)
+    assert seen <= {0, 1, 2}  # random views only; the center view is for evaluation
+    center = targets.ReplayDataset(store, targets.Samples(train), student, view="center")
+    assert center.view_of(7) == 3
+
+
+def test_reader_is_memory_mapped_and_reads_in_constant_memory(run_dir):
+    store = targets.TargetStore(run_dir / "targets")
+    assert all(isinstance(a, np.memmap) for a in store._shard(0).values())
+    tracemalloc.start()
+    for lo in range(0, 400, 40):
+        store.rows(np.arange(lo, lo + 40), np.full(40, 2))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 1024  # a batch at a time, never the store (≈ 32 kB of logits per 400 samples)
+
+
+def test_inspect_prints_the_summary(run_dir):
+    r = run("distill", "inspect", str(run_dir / "targets"))
+    for text in ("complete", "samples      400", "1600 rows", "full float16",
+                 "bytes/view", "teacher top1", "LS signature"):
+        assert text in r.stdout, r.stdout
+    assert run("distill", "inspect", str(run_dir)).stdout == r.stdout  # the run dir works too
+
+
+# --- integrity ---------------------------------------------------------------------------
+def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
+    shutil.copytree(run_dir, tmp_path / "tiny-vit")
+    r = teach(tmp_path, "data.subset=300", "--export-only", check=False)
+    assert r.returncode == 2 and "error: targets:" in r.stderr and "another dataset" in r.stderr, r.stderr
+    # re-fine-tuning over an existing store is refused before any training
+    r = teach(tmp_path, "seed=1", check=False)
+    assert r.returncode == 2 and "--rebuild-targets" in r.stderr and "epoch 1" not in r.stdout
+    # a reader that expects another teacher refuses the store too
+    store = targets.TargetStore(tmp_path / "tiny-vit" / "targets")
+    with pytest.raises(targets.DistillError, match="teacher.sha256"):
+        store.check({"teacher.sha256": "0" * 64})
+    # the flag rebuilds it
+    teach(tmp_path, "seed=1", "--rebuild-targets")
+    r = teach(tmp_path, "seed=1", "--export-only")
+    assert "complete and matches the teacher; nothing to export" in r.stdout
+
+
+def test_sigkill_midway_then_resume_equals_an_uninterrupted_export(tmp_path, run_dir):
+    extra = ["data.unlabeled=rest", "data.unlabeled_subset=6000", "targets.shard_size=500"]
+    for name in ("killed", "whole"):
+        (tmp_path / name / "tiny-vit").mkdir(parents=True)
+        shutil.copytree(run_dir / "teacher", tmp_path / name / "tiny-vit" / "teacher")
+    cmd = ["distill", "teach", RECIPE, f"output_dir={tmp_path / 'killed'}", *BASE, *extra, "--export-only"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store_dir = tmp_path / "killed" / "tiny-vit" / "targets"
+    deadline = time.time() + 300
+    while len(list(store_dir.glob("shard-*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(store_dir.glob("shard-*.json")))
+    assert 3 <= done < 13 and not (store_dir / "manifest.json").exists(), done
+    with pytest.raises(targets.DistillError, match="no store"):
+        targets.TargetStore(store_dir)
+
+    r = run(*cmd)
+    assert "targets:" in r.stdout
+    run("distill", "teach", RECIPE, f"output_dir={tmp_path / 'whole'}", *BASE, *extra, "--export-only")
+    resumed = targets.TargetStore(store_dir)
+    whole = targets.TargetStore(tmp_path / "whole" / "tiny-vit" / "targets")
+    assert resumed.manifest["export"]["rows_exported_now"] < 6400 * 4  # the complete shards were kept
+    assert resumed.manifest["num_unlabeled"] == 6000
+    a, b = all_rows(resumed), all_rows(whole)
+    assert np.array_equal(a["params"], b["params"]) and np.array_equal(a["label"], b["label"])
+    assert np.allclose(a["logits"], b["logits"], rtol=2**-10, atol=1e-6)
+    assert (a["label"][400 * 4:] == -1).all() and (a["label"][:400 * 4] >= 0).all()
+    for s, t in zip(resumed.manifest["shards"], whole.manifest["shards"]):
+        assert s["rows"] == t["rows"] and s["first_sample"] == t["first_sample"]
+
+
+def test_two_processes_write_every_row_once_and_match_one_process(tmp_path, run_dir):
+    (tmp_path / "tiny-vit").mkdir()
+    shutil.copytree(run_dir / "teacher", tmp_path / "tiny-vit" / "teacher")
+    teach(tmp_path, "--export-only", launcher=("torchrun", "--nproc_per_node", "2", "distill/teach.py"))
+    two = targets.TargetStore(tmp_path / "tiny-vit" / "targets")
+    one = targets.TargetStore(run_dir / "targets")
+    assert two.manifest["export"]["num_processes"] == 2 and two.manifest["fingerprint"] == one.manifest["fingerprint"]
+    starts = [s["first_sample"] for s in two.manifest["shards"]]
+    assert starts == sorted(set(starts)) and sum(s["num_samples"] for s in two.manifest["shards"]) == 400
+    a, b = all_rows(two), all_rows(one)
+    assert np.array_equal(a["params"], b["params"]) and np.array_equal(a["label"], b["label"])
+    diff = np.abs(a["logits"] - b["logits"])
+    print(f"2 processes vs 1: max |logit diff| = {diff.max():.2e}")
+    assert (diff <= 2 * fp16_tolerance(b["logits"])).all()
+
+
+def test_unlabeled_images_come_after_the_labeled_ones():
+    recipe = load_recipe(ROOT / RECIPE, [*BASE, "data.unlabeled=rest", "data.unlabeled_subset=50"])
+    train, val = load_splits(recipe.data)
+    unlabeled = load_unlabeled(recipe.data, train, val)
+    samples = targets.Samples(train, unlabeled)
+    assert len(samples) == 450 and samples.num_labeled == 400
+    assert (samples.labels[400:] == -1).all()
+    assert samples.describe(420).startswith("fashion-mnist:train")  # exported: the SIGKILL test
