@@ -10,6 +10,7 @@ COMMANDS = {
     "run": "every stage of a recipe in order: distill run recipe.yaml [key.path=value ...]",
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
              "[--export-only] [--rebuild-targets]",
+    "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
 }
 
@@ -18,7 +19,7 @@ COMMANDS = {
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: distill {run,teach,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
+        usage = "usage: distill {run,teach,learn,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
         usage += "\n\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml"
         if argv and argv[0] not in ("-h", "--help"):
             raise DistillError(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
@@ -36,13 +37,19 @@ def main(argv=None):
         print(targets.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
         return None
 
-    from distill import teach
-    if command == "run":
-        # check the whole recipe before any stage starts
-        from distill.recipe import load_recipe
-        stage_args = teach.parse_args(rest)
-        load_recipe(stage_args.recipe, stage_args.overrides)
-    return teach.main(rest)
+    from distill import learn, teach
+    if command == "teach":
+        return teach.main(rest)
+    if command == "learn":
+        return learn.main(rest)
+    # run: check the whole recipe before any stage starts, then teach (+ export), then every student
+    from distill.recipe import load_recipe
+    stage_args = teach.parse_args(rest)
+    recipe = load_recipe(stage_args.recipe, stage_args.overrides)
+    teach.main(rest)
+    if recipe.students:
+        learn.main([stage_args.recipe, *stage_args.overrides])
+    return None
 
 
 if __name__ == "__main__":

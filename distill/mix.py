@@ -56,3 +56,13 @@ def mix_targets(t: torch.Tensor, p: MixParams | None) -> torch.Tensor:
     if p is None:
         return t
     return t * p.lam + t.flip(0) * (1.0 - p.lam)
+
+
+def rescale(p: MixParams | None, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> MixParams | None:
+    """The same draw for another resolution: the CutMix box scaled (online KD: the teacher's size)."""
+    if p is None or p.box is None:
+        return p
+    (fh, fw), (th, tw) = from_hw, to_hw
+    y0, y1, x0, x1 = p.box
+    return MixParams(lam=p.lam, box=(round(y0 * th / fh), round(y1 * th / fh), round(x0 * tw / fw),
+                                     round(x1 * tw / fw)))

@@ -110,6 +110,8 @@ def _build_timm(name: str, cfg, num_classes: int, where: str, classes):
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise DistillError(f"{where}.model: unknown timm model {name!r}{hint}")
     kwargs = dict(cfg.timm_kwargs)
+    if getattr(cfg, "zero_init_last_bn", None) is not None:
+        kwargs["zero_init_last"] = cfg.zero_init_last_bn
     try:
         model = timm.create_model(name, pretrained=cfg.pretrained is True, num_classes=num_classes, **kwargs)
     except TypeError as e:
@@ -240,6 +242,8 @@ def _edge(size) -> int | None:
 def _override(pre: Preprocess, cfg) -> Preprocess:
     """The recipe's preprocessing fields win over what the model says about itself."""
     changes = {}
+    if getattr(cfg, "resolution", None) is not None:  # a student's training resolution
+        changes["input_size"] = cfg.resolution
     for name in ("input_size", "interpolation", "crop_pct"):
         if getattr(cfg, name, None) is not None:
             changes[name] = getattr(cfg, name)

@@ -153,17 +153,48 @@ class TargetsConfig:
 
 
 @dataclass(frozen=True)
+class KDConfig:
+    """How a student learns from the teacher: loss = (1 - weight) · CE(labels) + weight · KD."""
+
+    loss: Literal["none", "kl", "hard", "dkd", "dist"] = "kl"  # none: the labels-only baseline
+    temperature: float = field(default=4.0, metadata=_positive())
+    weight: float = field(default=0.5, metadata=_unit())  # 1 = pure function matching
+    standardize: bool = False  # logit standardisation (Sun et al. 2024) before softmax(·/T)
+    targets: Literal["cached", "online"] = "cached"  # online: the teacher runs on the student's mixed batch
+    # what to do with a teacher trained with label smoothing when T > 1 (see README)
+    ls_policy: Literal["auto", "warn", "off"] = "auto"
+    dkd_alpha: float = field(default=1.0, metadata=_non_negative())
+    dkd_beta: float = field(default=8.0, metadata=_non_negative())
+    dist_beta: float = field(default=1.0, metadata=_non_negative())
+    dist_gamma: float = field(default=1.0, metadata=_non_negative())
+    use_unlabeled: bool = True  # train on the store's unlabeled images too (KD term only)
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     name: str
     model: str  # "timm:<name>"
     pretrained: bool | str = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict)
-    input_size: int | None = field(default=None, metadata=_at_least(8))
+    resolution: int | None = field(default=None, metadata=_at_least(8))  # training input size
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic", "area"] | None = None
     crop_pct: float | None = field(default=None, metadata=_half_open_unit())
+    seed: int | None = None  # null: the recipe's seed
+    epochs: int = field(default=10, metadata=_at_least(1))
+    batch_size: int = field(default=128, metadata=_at_least(1))
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1))
+    label_smoothing: float = field(default=0.0, metadata=_unit(open_right=True))  # the CE term only
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    eval_every: int = field(default=1, metadata=_at_least(1))
+    select_by: Literal["top1", "macro_f1", "nll"] = "top1"
+    ema: float | None = field(default=None, metadata=_open_unit())  # EMA decay of the weights (timm ModelEmaV3)
+    zero_init_last_bn: bool | None = None  # timm's zero_init_last: residual blocks start as identity
+    optim: OptimConfig = OptimConfig(lr=0.05, name="sgd", weight_decay=5e-5)
+    mix: MixConfig = MixConfig()
+    kd: KDConfig = KDConfig()
 
 
 @dataclass(frozen=True)
@@ -212,6 +243,10 @@ def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
 
 def recipe_from_dict(raw: dict) -> Recipe:
     raw = dict(raw)
+    if isinstance(raw.get("students"), list):
+        # `kd: none` (the baseline) or `kd: dkd` is shorthand for `kd: {loss: ...}`
+        raw["students"] = [{**s, "kd": {"loss": s["kd"]}} if isinstance(s, dict) and isinstance(s.get("kd"), str)
+                           else s for s in raw["students"]]
     if isinstance(raw.get("teacher"), dict) and raw["teacher"].get("card"):
         raw["teacher"] = merge_card(raw["teacher"])
     recipe = _build(Recipe, raw, "")

@@ -37,7 +37,7 @@ def better(metrics: dict, best: dict, select_by: str) -> bool:
     return metrics[select_by] > best[select_by]
 
 
-def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int = 1) -> DataLoader:
+def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int = 1, seed: int | None = None) -> DataLoader:
     """A loader that shuffles reproducibly; training drops the last partial batch when there is more than
     one, because BatchNorm cannot train on a batch of one."""
     workers = recipe.data.num_workers
@@ -48,12 +48,13 @@ def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int =
         drop_last=train and len(dataset) > batch_size * world_size,
         num_workers=workers,
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(recipe.seed) if train else None,
+        generator=torch.Generator().manual_seed(recipe.seed if seed is None else seed) if train else None,
     )
 
 
-def hparams(recipe, section: str) -> dict:
-    """The recipe flattened to `key.path: scalar` (TensorBoard's hparams take scalars and strings only)."""
+def hparams(recipe, section: str, config=None) -> dict:
+    """The recipe's common keys and one section (`config`, default the recipe's attribute `section`)
+    flattened to `key.path: scalar` (TensorBoard's hparams take scalars and strings only)."""
     flat = {}
 
     def walk(prefix, value):
@@ -66,5 +67,24 @@ def hparams(recipe, section: str) -> dict:
             flat[prefix] = str(value)
 
     plain = to_plain(recipe)
-    walk("", {"name": plain["name"], "seed": plain["seed"], "data": plain["data"], section: plain[section]})
+    walk("", {"name": plain["name"], "seed": plain["seed"], "data": plain["data"],
+              section: to_plain(config) if config is not None else plain[section]})
     return flat
+
+
+def start_tracking(accelerator, run_name: str) -> None:
+    """TensorBoard for one run (teacher or a student) under tb/<run_name>, closing any earlier one."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+    accelerator.init_trackers(run_name)
+
+
+def log_hparams(accelerator, params: dict, metrics: dict) -> None:
+    """Hyper-parameters with final metrics, so TensorBoard's HParams dashboard lines runs up in one table."""
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    # run_name ".": into this run's own event file instead of a timestamped sub-folder
+    writer.add_hparams(params, {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name=".")
+    writer.flush()

@@ -554,11 +554,14 @@ class ReplayDataset(Dataset):
     `view="center"` always the center view (evaluation, FixRes).
     """
 
-    def __init__(self, store: TargetStore, samples: Samples, pre: Preprocess, view: str = "random", seed: int = 0):
+    def __init__(self, store: TargetStore, samples: Samples, pre: Preprocess, view: str = "random", seed: int = 0,
+                 teacher_pre: Preprocess | None = None):
+        # teacher_pre: also yield the view as the teacher sees it (online distillation)
         if len(samples) != len(store):
             raise DistillError(f"targets: the store at {store.path} has {len(store)} samples, the data "
                                f"{len(samples)}; rebuild it with teach.py --export-only --rebuild-targets")
         self.store, self.samples, self.pre, self.view, self.seed = store, samples, pre, view, seed
+        self.teacher_pre = teacher_pre
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -574,8 +577,13 @@ class ReplayDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = self.store.row(i, self.view_of(i))
-        pixels = render(self.samples.load(i), row["params"], self.pre.input_size, self.pre.interpolation)
-        return to_tensor(pixels, self.pre), int(row["label"]), torch.from_numpy(row["logits"])
+        image = self.samples.load(i)
+        pixels = render(image, row["params"], self.pre.input_size, self.pre.interpolation)
+        item = (to_tensor(pixels, self.pre), int(row["label"]), torch.from_numpy(row["logits"]))
+        if self.teacher_pre is not None:
+            t = self.teacher_pre
+            item += (to_tensor(render(image, row["params"], t.input_size, t.interpolation), t),)
+        return item
 
 
 # --- distill inspect ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ from distill.losses import smooth_one_hot, soft_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import build_model, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
-from distill.runs import better, hparams, make_loader, write_json, write_text
+from distill.runs import better, hparams, log_hparams, make_loader, start_tracking, write_json, write_text
 
 
 def parse_args(argv=None):
@@ -105,7 +105,7 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         write_text(run_dir / "config.yaml", dump_recipe(recipe))
-    accelerator.init_trackers("teacher", config=hparams(recipe, "teacher"))
+    start_tracking(accelerator, "teacher")
     accelerator.print(f"teacher {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
                       f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
                       f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
@@ -177,6 +177,7 @@ def main(argv=None):
             "history": history,
         })
         accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
     accelerator.wait_for_everyone()
     if recipe.targets.export:
         export_targets(recipe, accelerator, args.rebuild_targets)

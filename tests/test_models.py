@@ -101,7 +101,7 @@ def test_timm_model_builds_with_timm_preprocess():
     assert pre == Preprocess(ref["input_size"][-1], ref["mean"], ref["std"], ref["interpolation"], ref["crop_pct"])
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     assert model.drop_rate == 0.1
-    _, pre = build_model(StudentConfig(name="s", model="timm:resnet10t", input_size=96, mean=(0.5, 0.5, 0.5)), 7)
+    _, pre = build_model(StudentConfig(name="s", model="timm:resnet10t", resolution=96, mean=(0.5, 0.5, 0.5)), 7)
     assert (pre.input_size, pre.mean, pre.std) == (96, (0.5, 0.5, 0.5), ref["std"])
 
 

@@ -61,16 +61,16 @@ def test_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"teacher": {"model": "timm:resnet10t", "epochs": 5},
                                     "students": [{"name": "small", "model": "timm:resnet10t"}]}))
     r = load_recipe(path, ["teacher.epochs=3", "teacher.optim.lr=0.1", "data.subset=100",
-                           "students.small.input_size=64", "students.0.pretrained=true"])
+                           "students.small.resolution=64", "students.0.pretrained=true"])
     assert r.name == "r"  # from the file name
     assert r.teacher.epochs == 3 and r.teacher.optim.lr == 0.1 and r.data.subset == 100
-    assert r.students[0].input_size == 64 and r.students[0].pretrained is True
+    assert r.students[0].resolution == 64 and r.students[0].pretrained is True
     with pytest.raises(DistillError, match="teacher.epochs: expected an integer"):
         load_recipe(path, ["teacher.epochs=many"])
     with pytest.raises(DistillError, match="expected key.path=value"):
         load_recipe(path, ["teacher.epochs"])
     with pytest.raises(DistillError, match="students.big"):
-        load_recipe(path, ["students.big.input_size=3"])
+        load_recipe(path, ["students.big.resolution=3"])
 
 
 def test_override_unknown_key_is_an_error():

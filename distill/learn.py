@@ -1,0 +1,305 @@
+"""Entry: train each student of a recipe on the teacher's soft targets (cached or online), keep its best checkpoint.
+
+    accelerate launch distill/learn.py recipe.yaml [--student NAME] [key.path=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # `python distill/learn.py`: import the package, not the sibling files as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from distill import losses
+from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
+from distill.errors import DistillError, exit_on_error
+from distill.evaluate import evaluate
+from distill.mix import mix_images, mix_targets, rescale, sample_mix
+from distill.models import build_model, count_params, load_model, param_groups, save_model
+from distill.recipe import dump_recipe, load_recipe
+from distill.runs import better, hparams, log_hparams, make_loader, start_tracking, write_json, write_text
+from distill.targets import ReplayDataset, Samples, TargetStore, dataset_fingerprint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="distill learn", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. students.small.epochs=3")
+    p.add_argument("--student", action="append", help="train only this student (repeatable)")
+    return p.parse_args(argv)
+
+
+# --- the label-smoothing / KD policy (DESIGN.md) ---------------------------------------------
+def ls_policy(kd, teacher: dict, diagnostics: dict) -> tuple[float, dict]:
+    """The temperature to distil at, and the decision with its reason.
+
+    A teacher trained with label smoothing erases the between-class information KD transfers, and
+    distilling it at T > 1 hurts the student (Müller et al. 2019; Chandrasegaran et al. 2022). The teacher
+    counts as such if its fine-tune used smoothing, its card says its pre-training did, or the store's
+    diagnostic sees the signature. Then `auto` distils at T = 1, `warn` keeps T and warns, `off` keeps T.
+    The KD target itself is never smoothed: smoothing only ever touches the label term.
+    """
+    evidence = []
+    if teacher.get("label_smoothing"):
+        evidence.append(f"fine-tuned with label smoothing {teacher['label_smoothing']}")
+    if teacher.get("pretrain_label_smoothing"):
+        evidence.append(f"pre-trained with label smoothing {teacher['pretrain_label_smoothing']} (teacher card)")
+    if diagnostics.get("label_smoothing_suspected"):
+        evidence.append(f"store diagnostic: confidence ceiling implies alpha ≈ {diagnostics['implied_alpha']:.3f} "
+                        f"and non-target probabilities are even ({diagnostics['nontarget_uniformity']:.2f})")
+    temperature, requested = kd.temperature, kd.temperature
+    if kd.loss in ("none", "hard"):
+        decision, reason = "not applicable", f"kd.loss {kd.loss} uses no temperature"
+    elif not evidence:
+        decision, reason = "keep", "no sign that the teacher was trained with label smoothing"
+    elif requested <= 1:
+        decision, reason = "keep", f"T = {requested} <= 1 already; teacher: {'; '.join(evidence)}"
+    elif kd.ls_policy == "auto":
+        temperature = 1.0
+        decision, reason = "T=1", f"label-smoothed teacher ({'; '.join(evidence)}): distilling it at T > 1 hurts"
+    elif kd.ls_policy == "warn":
+        decision, reason = "warn", f"kept T = {requested} for a label-smoothed teacher ({'; '.join(evidence)})"
+    else:
+        decision, reason = "off", f"policy off: kept T = {requested}; teacher: {'; '.join(evidence) or 'no evidence'}"
+    return temperature, {"ls_policy": kd.ls_policy, "teacher_label_smoothed": bool(evidence), "ls_evidence": evidence,
+                         "ls_decision": decision, "ls_reason": reason, "temperature_requested": requested}
+
+
+def teacher_probs(logits: torch.Tensor, kd, temperature: float) -> torch.Tensor:
+    """What the student matches, before mixing: softmax(t / T) (of standardised t), or one-hot argmax for hard."""
+    if kd.loss == "hard":
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    z = losses.standardize(logits) if kd.standardize else logits.float()
+    return F.softmax(z / temperature, dim=-1)
+
+
+def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix) -> dict:
+    """(1 - w) · CE(smoothed, mixed labels) + w · KD(student, teacher probabilities); named parts.
+
+    Unlabeled samples (label -1), and samples mixed with one, contribute only the KD term.
+    """
+    w = 0.0 if kd.loss == "none" else kd.weight
+    if kd.standardize and kd.loss != "none":
+        logits_kd = losses.standardize(logits)
+    else:
+        logits_kd = logits
+    known = labels >= 0
+    if mix is not None:
+        known = known & known.flip(0)
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = zero
+    if w < 1 and known.any():
+        target = mix_targets(losses.smooth_one_hot(labels.clamp(min=0), num_classes, smoothing), mix)
+        ce = losses.soft_cross_entropy(logits[known], target[known])
+    kd_term = zero
+    if w > 0:
+        if kd.loss == "kl":
+            kd_term = losses.kd_kl(logits_kd, target_probs, temperature)
+        elif kd.loss == "hard":
+            kd_term = losses.kd_hard(logits, target_probs)
+        elif kd.loss == "dkd":
+            g = torch.where(labels >= 0, labels, target_probs.argmax(-1))
+            kd_term = losses.kd_dkd(logits_kd, target_probs, g, temperature, kd.dkd_alpha, kd.dkd_beta)
+        elif kd.loss == "dist":
+            kd_term = losses.kd_dist(logits_kd, target_probs, temperature, kd.dist_beta, kd.dist_gamma)
+    loss = (1 - w) * ce + w * kd_term
+    return {"loss": loss, "loss_ce": ce.detach(), "loss_kd": kd_term.detach()}
+
+
+@exit_on_error
+def main(argv=None):
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    students = [s for s in recipe.students if not args.student or s.name in args.student]
+    for name in args.student or ():
+        if name not in {s.name for s in recipe.students}:
+            raise DistillError(f"--student: no student {name!r} in the recipe (its students: "
+                               f"{', '.join(s.name for s in recipe.students) or 'none'})")
+    if not students:
+        raise DistillError("students: the recipe has no students; add a list of {name, model, kd, ...}")
+    precisions = {s.mixed_precision for s in students}
+    if len(precisions) > 1:
+        raise DistillError("students.*.mixed_precision: one process runs one precision; train students with "
+                           "different precisions separately (--student NAME)")
+    run_dir = recipe.run_dir
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=precisions.pop(),
+        log_with="tensorboard" if recipe.log.tensorboard else None,
+        project_dir=str(run_dir / "tb"),
+    )
+
+    # The data and the store, checked against each other before anything is trained or written.
+    store = TargetStore(run_dir / "targets")
+    train_split, val_split = load_splits(recipe.data)
+    samples = Samples(train_split, load_unlabeled(recipe.data, train_split, val_split))
+    classes, num_classes = train_split.classes, len(train_split.classes)
+    store.check({"dataset.fingerprint": dataset_fingerprint(samples, classes), "num_classes": num_classes})
+    teacher_dir = run_dir / "teacher"
+    if (teacher_dir / "model.json").is_file():
+        store.check({"teacher.sha256": load_model_info(teacher_dir)["sha256"]})
+    for student in students:
+        train_student(recipe, student, recipe.students.index(student), store, samples, val_split, classes,
+                      accelerator)
+    accelerator.end_training()
+
+
+def load_model_info(model_dir: Path) -> dict:
+    import json
+    return json.loads((model_dir / "model.json").read_text())
+
+
+def train_student(recipe, cfg, index, store, samples, val_split, classes, accelerator):
+    num_classes, where = len(classes), f"students.{index}"
+    seed = recipe.seed if cfg.seed is None else cfg.seed
+    set_seed(seed)
+    out_dir = recipe.run_dir / "students" / cfg.name
+    kd = cfg.kd
+    temperature, decision = ls_policy(kd, store.manifest["teacher"], store.manifest.get("diagnostics", {}))
+    if decision["ls_decision"] == "warn":
+        accelerator.print(f"warning: {cfg.name}: {decision['ls_reason']}")
+
+    model, pre = build_model(cfg, num_classes, where=where, classes=classes)
+    teacher = teacher_pre = None
+    if kd.targets == "online" and kd.loss != "none":
+        teacher, teacher_pre, _ = load_model(recipe.run_dir / "teacher")
+        # The teacher, frozen in this one place: eval mode, no gradients, inference mode in the loop.
+        teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
+    train_ds = ReplayDataset(store, samples, pre, view="random", seed=seed, teacher_pre=teacher_pre)
+    if kd.loss == "none" or not kd.use_unlabeled:
+        train_ds = Subset(train_ds, range(samples.num_labeled))  # labels only: the baseline's data
+    val_ds = ImageDataset(val_split, build_transform(None, "eval", pre, where=f"{where}.eval"))
+    train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
+                               seed=seed)
+    val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
+                             world_size=accelerator.num_processes)
+
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum
+    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, where=where)
+    if cfg.optim.name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=True)
+    accelerator.gradient_accumulation_steps = cfg.optim.grad_accum
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # warm-up: the decay ramps up, so a short run is not dominated by the random initial weights
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
+    total_updates = cfg.epochs * updates_per_epoch
+    warmup = min(round(cfg.optim.warmup_epochs * updates_per_epoch), total_updates - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates - warmup, lr_min=cfg.optim.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=min(cfg.optim.min_lr, lr), warmup_prefix=True,
+                                  t_in_epochs=False)
+
+    if accelerator.is_main_process:
+        write_text(out_dir / "config.yaml", dump_recipe(recipe))
+    start_tracking(accelerator, cfg.name)
+    accelerator.print(f"student {cfg.name} ({cfg.model}): {count_params(model) / 1e6:.2f}M params, "
+                      f"{len(train_ds)} train images at {pre.input_size}px, kd {kd.loss} "
+                      f"({kd.targets}, T={temperature:g}, w={kd.weight:g}), LS policy: {decision['ls_decision']} "
+                      f"({decision['ls_reason']})")
+
+    mix_rng = np.random.default_rng([seed, accelerator.process_index])
+    start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
+    best, history, mix_kl = None, [], []
+    for epoch in range(cfg.epochs):
+        model.train()
+        (train_ds.dataset if isinstance(train_ds, Subset) else train_ds).set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
+        for batch in bar:
+            x, y, cached = batch[:3]
+            with accelerator.accumulate(model):
+                mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
+                x = mix_images(x, mix)
+                if kd.loss == "none":
+                    target = None
+                elif teacher is not None:  # online: the teacher sees the very mixed image (exact)
+                    xt = mix_images(batch[3], rescale(mix, x.shape[-2:], batch[3].shape[-2:]))
+                    with torch.inference_mode(), accelerator.autocast():
+                        target = teacher_probs(teacher(xt).float(), kd, temperature)
+                    target = target.clone()  # leave inference mode: the loss needs a normal tensor
+                    if mix is not None:  # how far the cached approximation is from the truth, measured
+                        approx = mix_targets(teacher_probs(cached, kd, temperature), mix)
+                        mix_kl.append(F.kl_div(approx.clamp_min(1e-12).log(), target, reduction="batchmean").item())
+                else:  # cached: stored logits, mixed in probability space with the same λ
+                    target = mix_targets(teacher_probs(cached, kd, temperature), mix)
+                parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and cfg.optim.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+            train_images += len(y) * accelerator.num_processes
+            if accelerator.sync_gradients:
+                step += 1
+                scheduler.step_update(step)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model), step=step)
+                if step % recipe.log.every_steps == 0 or step == total_updates:
+                    logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
+                    logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)
+                    if mix_kl:
+                        logged["train/mix_approx_kl"] = mix_kl[-1]
+                    accelerator.log(logged, step=step)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
+        train_seconds += time.perf_counter() - epoch_start
+
+        if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
+            continue
+        evaluated = ema.module if ema is not None else model
+        metrics = evaluate(evaluated, val_loader, accelerator, num_classes)
+        metrics["epoch"] = epoch + 1
+        history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
+        accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")}, step=step)
+        accelerator.print(f"{cfg.name} epoch {epoch + 1}: val top1 {metrics['top1']:.4f} "
+                          f"macro_f1 {metrics['macro_f1']:.4f} ({train_images / train_seconds:.0f} train img/s)")
+        if best is None or better(metrics, best, cfg.select_by):
+            best = metrics
+            if accelerator.is_main_process:
+                save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir, classes,
+                           extra={"student": cfg.name})
+        accelerator.wait_for_everyone()
+
+    settings = {
+        "student": cfg.name, "model": cfg.model, "resolution": pre.input_size,
+        "kd_loss": kd.loss, "kd_targets": kd.targets, "temperature": temperature, "kd_weight": kd.weight,
+        "kd_standardize": kd.standardize, "label_smoothing": cfg.label_smoothing,
+        "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha, "prob": cfg.mix.prob},
+        "ema": cfg.ema, **decision,
+        "mix_approx_kl": float(np.mean(mix_kl)) if mix_kl else None,
+        "train_images": len(train_ds), "teacher_top1_center": store.manifest.get("diagnostics", {}).get("top1_center"),
+    }
+    if accelerator.is_main_process:
+        write_json(out_dir / "metrics.json", {
+            **best, "best_epoch": best["epoch"], "select_by": cfg.select_by, "params": count_params(model),
+            "train_images_per_sec": train_images / max(train_seconds, 1e-9), "epochs": cfg.epochs, "seed": seed,
+            "wall_seconds": time.perf_counter() - start, "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes, "lr": lr, **settings, "classes": classes,
+            "history": history,
+        })
+        accelerator.print(f"student {cfg.name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+    log_hparams(accelerator, hparams(recipe, "student", cfg),
+                {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
+    accelerator.free_memory()
+    return best
+
+
+if __name__ == "__main__":
+    main()
