@@ -1,11 +1,16 @@
-"""Losses and MixUp/CutMix: formulas checked against direct computations."""
+"""Losses and MixUp/CutMix: formulas checked against hand computations and direct implementations."""
+import math
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from distill import losses
+from distill.learn import ls_policy, student_loss, teacher_probs
 from distill.losses import smooth_one_hot, soft_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
-from distill.recipe import MixConfig
+from distill.recipe import KDConfig, MixConfig
 
 
 def test_smooth_one_hot():
@@ -46,3 +51,138 @@ def test_no_mix_when_off_or_prob_zero():
     rng = np.random.default_rng(0)
     assert sample_mix(MixConfig(), (8, 8), rng) is None
     assert sample_mix(MixConfig(mixup_alpha=1.0, prob=0.0), (8, 8), rng) is None
+
+
+# --- knowledge distillation losses -------------------------------------------------------
+
+
+def test_kd_kl_by_hand():
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p = torch.softmax(t / 2, -1)  # [σ(-0.5), σ(0.5)]
+    q = torch.softmax(s / 2, -1)
+    expected = 4 * (p * (p / q).log()).sum()
+    assert torch.isclose(losses.kd_kl(s, p, 2.0), expected)
+    a, b = 1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-0.5))
+    assert math.isclose(losses.kd_kl(s, p, 2.0).item(), 4 * (a * math.log(a / b) + b * math.log(b / a)), rel_tol=1e-5)
+    # matches torch's batch-mean KL times T²
+    s, t = torch.randn(16, 7), torch.randn(16, 7)
+    ref = 9 * F.kl_div(F.log_softmax(s / 3, -1), torch.softmax(t / 3, -1), reduction="batchmean")
+    assert torch.isclose(losses.kd_kl(s, torch.softmax(t / 3, -1), 3.0), ref, atol=1e-6)
+
+
+def test_t_squared_keeps_the_gradient_scale():
+    # for large T the gradient of T²·KL w.r.t. the logits tends to (s - t)/K·(centred): independent of T
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    grads = []
+    for temperature in (50.0, 200.0):
+        x = s.clone().requires_grad_(True)
+        losses.kd_kl(x, torch.softmax(t / temperature, -1), temperature).backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).norm() < 0.05 * grads[1].norm()  # without T² they would differ 4x
+
+
+@pytest.mark.parametrize("name", ["kl", "dkd", "dist", "hard"])
+def test_zero_loss_when_the_student_equals_the_teacher(name):
+    z = torch.randn(32, 10) * 3
+    p = teacher_probs(z, KDConfig(loss=name), 4.0)
+    value = {"kl": lambda: losses.kd_kl(z, p, 4.0), "dist": lambda: losses.kd_dist(z, p, 4.0),
+             "dkd": lambda: losses.kd_dkd(z, p, z.argmax(1), 4.0),
+             # hard targets are one-hot: the loss vanishes for a student certain of the teacher's argmax
+             "hard": lambda: losses.kd_hard(50 * F.one_hot(z.argmax(1), 10).float(), p)}[name]()
+    assert value.abs() < 1e-3, value
+    # and positive otherwise
+    other = torch.randn(32, 10)
+    worse = {"kl": losses.kd_kl(other, p, 4.0), "dist": losses.kd_dist(other, p, 4.0),
+             "dkd": losses.kd_dkd(other, p, z.argmax(1), 4.0), "hard": losses.kd_hard(other, p)}[name]
+    assert worse > value + 1e-3
+
+
+def test_dkd_by_hand_and_its_decomposition():
+    # α·TCKD + β·NCKD with α = β = 1 equals KL plus a non-negative correction (Zhao et al., eq. 3-4)
+    s, t = torch.randn(8, 6), torch.randn(8, 6)
+    y = torch.randint(0, 6, (8,))
+    p_t, p_s = torch.softmax(t, -1), torch.softmax(s, -1)
+    g = y.unsqueeze(1)
+    b_t = torch.cat([p_t.gather(1, g), 1 - p_t.gather(1, g)], 1)
+    b_s = torch.cat([p_s.gather(1, g), 1 - p_s.gather(1, g)], 1)
+    tckd = (b_t * (b_t / b_s).log()).sum(1)
+    mask = F.one_hot(y, 6).bool()
+    hat_t = (p_t / (1 - p_t.gather(1, g))).masked_fill(mask, 0)
+    hat_s = (p_s / (1 - p_s.gather(1, g))).masked_fill(mask, 1)
+    nckd = (hat_t * (hat_t.clamp_min(1e-12) / hat_s).log()).sum(1)
+    expected = (2.0 * tckd + 3.0 * nckd).mean()
+    assert torch.isclose(losses.kd_dkd(s, p_t, y, 1.0, alpha=2.0, beta=3.0), expected, atol=1e-5)
+    kl = (p_t * (p_t / p_s).log()).sum(1)
+    assert torch.allclose(tckd + (1 - p_t.gather(1, g)).squeeze(1) * nckd, kl, atol=1e-5)
+
+
+def test_dist_by_hand():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    p_s, p_t = torch.softmax(s, -1), torch.softmax(t, -1)
+    inter = 1 - torch.stack([torch.corrcoef(torch.stack([p_s[i], p_t[i]]))[0, 1] for i in range(6)]).mean()
+    intra = 1 - torch.stack([torch.corrcoef(torch.stack([p_s[:, c], p_t[:, c]]))[0, 1] for c in range(5)]).mean()
+    assert torch.isclose(losses.kd_dist(s, p_t, 1.0, beta=2.0, gamma=0.5), 2 * inter + 0.5 * intra, atol=1e-5)
+
+
+def test_standardize():
+    z = losses.standardize(torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]]))
+    assert torch.allclose(z[0], z[1], atol=1e-5) and torch.allclose(z.mean(1), torch.zeros(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "dkd", "dist", "hard"])
+def test_no_gradient_reaches_the_teacher_and_float32_under_bf16(name):
+    student = torch.randn(8, 10, requires_grad=True)
+    teacher_logits = torch.randn(8, 10, requires_grad=True)
+    kd = KDConfig(loss=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = student.bfloat16() * 1.0
+        p = teacher_probs(teacher_logits.detach().bfloat16(), kd, 4.0)
+        parts = student_loss(s, torch.randint(0, 10, (8,)), p, kd, 4.0, 10, 0.1, None)
+    assert parts["loss"].dtype == torch.float32 and parts["loss_kd"].dtype == torch.float32
+    parts["loss"].backward()
+    assert student.grad is not None and teacher_logits.grad is None
+
+
+def test_the_kd_target_ignores_label_smoothing():
+    """Smoothing touches only the label term: the KD target, and the KD part of the loss, are bit-identical."""
+    z, s = torch.randn(16, 10), torch.randn(16, 10)
+    y = torch.randint(0, 10, (16,))
+    kd = KDConfig(loss="kl", weight=0.5)
+    target = teacher_probs(z, kd, 4.0)
+    parts = {ls: student_loss(s, y, target, kd, 4.0, 10, ls, None) for ls in (0.0, 0.1, 0.3)}
+    assert all(torch.equal(parts[0.0]["loss_kd"], p["loss_kd"]) for p in parts.values())
+    assert torch.equal(teacher_probs(z, kd, 4.0), target)
+    assert parts[0.0]["loss_ce"] != parts[0.3]["loss_ce"]  # while the label term does change
+
+
+def test_unlabeled_samples_only_contribute_the_kd_term():
+    s, z = torch.randn(4, 3), torch.randn(4, 3)
+    kd = KDConfig(loss="kl", weight=0.5)
+    p = teacher_probs(z, kd, 2.0)
+    y = torch.tensor([0, 1, -1, -1])
+    parts = student_loss(s, y, p, kd, 2.0, 3, 0.0, None)
+    assert torch.isclose(parts["loss_ce"], F.cross_entropy(s[:2], y[:2]))
+    assert torch.isclose(parts["loss_kd"], losses.kd_kl(s, p, 2.0))
+    assert torch.isclose(parts["loss"], 0.5 * parts["loss_ce"] + 0.5 * parts["loss_kd"])
+    only_kd = student_loss(s, torch.full((4,), -1), p, kd, 2.0, 3, 0.0, None)
+    assert only_kd["loss_ce"] == 0 and torch.isclose(only_kd["loss"], 0.5 * parts["loss_kd"])
+
+
+def test_ls_policy_decisions():
+    ls_teacher = {"label_smoothing": 0.1, "pretrain_label_smoothing": None}
+    plain = {"label_smoothing": 0.0, "pretrain_label_smoothing": 0.0}
+    t, d = ls_policy(KDConfig(temperature=4.0, ls_policy="auto"), ls_teacher, {})
+    assert t == 1.0 and d["ls_decision"] == "T=1" and "fine-tuned with label smoothing 0.1" in d["ls_reason"]
+    t, d = ls_policy(KDConfig(temperature=4.0, ls_policy="warn"), ls_teacher, {})
+    assert t == 4.0 and d["ls_decision"] == "warn"
+    t, d = ls_policy(KDConfig(temperature=4.0, ls_policy="off"), ls_teacher, {})
+    assert t == 4.0 and d["ls_decision"] == "off"
+    t, d = ls_policy(KDConfig(temperature=4.0), plain, {})
+    assert t == 4.0 and d["ls_decision"] == "keep" and not d["teacher_label_smoothed"]
+    # the measured signature alone is enough
+    diag = {"label_smoothing_suspected": True, "implied_alpha": 0.1, "nontarget_uniformity": 0.95}
+    t, d = ls_policy(KDConfig(temperature=4.0), plain, diag)
+    assert t == 1.0 and "store diagnostic" in d["ls_reason"]
+    # and a card's pre-training smoothing too
+    t, d = ls_policy(KDConfig(temperature=2.0), {"pretrain_label_smoothing": 0.1}, {})
+    assert t == 1.0 and "teacher card" in d["ls_reason"]
