@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -151,16 +152,11 @@ def main(argv=None):
     store.check({"dataset.fingerprint": dataset_fingerprint(samples, classes), "num_classes": num_classes})
     teacher_dir = run_dir / "teacher"
     if (teacher_dir / "model.json").is_file():
-        store.check({"teacher.sha256": load_model_info(teacher_dir)["sha256"]})
+        store.check({"teacher.sha256": json.loads((teacher_dir / "model.json").read_text())["sha256"]})
     for student in students:
         train_student(recipe, student, recipe.students.index(student), store, samples, val_split, classes,
                       accelerator)
     accelerator.end_training()
-
-
-def load_model_info(model_dir: Path) -> dict:
-    import json
-    return json.loads((model_dir / "model.json").read_text())
 
 
 def train_student(recipe, cfg, index, store, samples, val_split, classes, accelerator):

@@ -47,7 +47,8 @@ def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int =
         shuffle=train,
         drop_last=train and len(dataset) > batch_size * world_size,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        # not persistent: workers must see each epoch's set_epoch() (the replayed view changes per epoch)
+        persistent_workers=False,
         generator=torch.Generator().manual_seed(recipe.seed if seed is None else seed) if train else None,
     )
 

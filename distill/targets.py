@@ -272,8 +272,11 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
         parts = {"params": [], "label": [], "logits": []}
         for x, params, labels in loader:
             t0 = time.perf_counter()
+            # channels-last: a DataLoader worker hands over NCHW copies, on which oneDNN's depthwise
+            # convolutions (EfficientNet, MobileNet teachers) run ~3x slower (benchmarks/export.py)
+            x = x.flatten(0, 1).to(accelerator.device, memory_format=torch.channels_last)
             with torch.inference_mode(), accelerator.autocast():
-                z = model(x.flatten(0, 1).to(accelerator.device))
+                z = model(x)
             parts["logits"].append(z.float().cpu())  # float32 before any rounding, top-k or log-sum-exp
             forward_seconds += time.perf_counter() - t0
             parts["params"].append(params.flatten(0, 1))
