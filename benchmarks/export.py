@@ -1,6 +1,6 @@
 """Benchmark: soft-target export speed vs the bare teacher forward, store size, random-row reads vs a student step, top-k error.
 
-    python benchmarks/export.py [--samples 2000] [--views 4] [--input-size 64] [--workers 1]
+    python benchmarks/export.py [--samples 2000] [--views 4] [--input-size 64] [--workers 0]
 
 The teacher is the efficientnet-lite0 card (real ImageNet weights from a pip package, offline) on
 Fashion-MNIST; it is not fine-tuned: a speed benchmark does not depend on what the head learned.
@@ -35,7 +35,8 @@ def parse_args():
     p.add_argument("--samples", type=int, default=2000, help="Fashion-MNIST training images in the store")
     p.add_argument("--views", type=int, default=4, help="random views per sample (+1 center view)")
     p.add_argument("--input-size", type=int, default=64, help="teacher input size (px)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the export (render while forwarding)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers of the export (data.num_workers; on 2 cores a worker steals the forward's CPU)")
     p.add_argument("--topk-samples", type=int, default=200, help="samples of the 1000-class store for the top-k error")
     p.add_argument("--read-batches", type=int, default=200, help="random 128-row batches read from the store")
     return p.parse_args()
