@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
@@ -32,7 +31,17 @@ from distill.evaluate import evaluate
 from distill.mix import mix_images, mix_targets, rescale, sample_mix
 from distill.models import build_model, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
-from distill.runs import better, hparams, log_hparams, make_loader, start_tracking, write_json, write_text
+from distill.runs import (
+    better,
+    hparams,
+    log_hparams,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    start_tracking,
+    write_json,
+    write_text,
+)
 from distill.targets import ReplayDataset, Samples, TargetStore, dataset_fingerprint
 
 
@@ -185,22 +194,15 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                              world_size=accelerator.num_processes)
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum
-    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, where=where)
-    if cfg.optim.name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=True)
+    optimizer, lr = make_optimizer(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, where=where),
+                                   cfg.optim, global_batch)
     accelerator.gradient_accumulation_steps = cfg.optim.grad_accum
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # warm-up: the decay ramps up, so a short run is not dominated by the random initial weights
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
     updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
     total_updates = cfg.epochs * updates_per_epoch
-    warmup = min(round(cfg.optim.warmup_epochs * updates_per_epoch), total_updates - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates - warmup, lr_min=cfg.optim.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=min(cfg.optim.min_lr, lr), warmup_prefix=True,
-                                  t_in_epochs=False)
+    scheduler = make_scheduler(optimizer, cfg.optim, lr, total_updates, updates_per_epoch)
 
     if accelerator.is_main_process:
         write_text(out_dir / "config.yaml", dump_recipe(recipe))

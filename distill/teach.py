@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from distill import targets
@@ -30,7 +29,17 @@ from distill.losses import smooth_one_hot, soft_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import build_model, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
-from distill.runs import better, hparams, log_hparams, make_loader, start_tracking, write_json, write_text
+from distill.runs import (
+    better,
+    hparams,
+    log_hparams,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    start_tracking,
+    write_json,
+    write_text,
+)
 
 
 def parse_args(argv=None):
@@ -77,6 +86,8 @@ def main(argv=None):
 
     # Build everything that can fail on bad input before anything is written.
     train_split, val_split = load_splits(recipe.data)
+    if recipe.targets.export:
+        load_unlabeled(recipe.data, train_split, val_split)  # its errors now, not after the fine-tune
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
     train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train",
@@ -88,20 +99,12 @@ def main(argv=None):
                              train=False, world_size=accelerator.num_processes)
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.grad_accum
-    lr = cfg.optim.lr * global_batch / 256 if cfg.optim.scale_lr else cfg.optim.lr
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    if cfg.optim.name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=True)
+    optimizer, lr = make_optimizer(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
+                                   cfg.optim, global_batch)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
     total_updates = cfg.epochs * updates_per_epoch
-    warmup = min(round(cfg.optim.warmup_epochs * updates_per_epoch), total_updates - 1)
-    # warmup_prefix: linear warm-up to the peak lr, then a full cosine over the remaining updates
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_updates - warmup, lr_min=cfg.optim.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=min(cfg.optim.min_lr, lr),
-                                  warmup_prefix=True, t_in_epochs=False)
+    scheduler = make_scheduler(optimizer, cfg.optim, lr, total_updates, updates_per_epoch)
 
     if accelerator.is_main_process:
         write_text(run_dir / "config.yaml", dump_recipe(recipe))
