@@ -46,6 +46,10 @@ def main(argv=None):
     from distill.recipe import load_recipe
     stage_args = teach.parse_args(rest)
     recipe = load_recipe(stage_args.recipe, stage_args.overrides)
+    from distill.models import check_model_name
+    check_model_name(recipe.teacher.model, "teacher")
+    for i, student in enumerate(recipe.students):
+        check_model_name(student.model, f"students.{i}")
     teach.main(rest)
     if recipe.students:
         learn.main([stage_args.recipe, *stage_args.overrides])

@@ -29,7 +29,7 @@ from distill.data import ImageDataset, build_transform, load_splits, load_unlabe
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
 from distill.mix import mix_images, mix_targets, rescale, sample_mix
-from distill.models import build_model, count_params, load_model, param_groups, save_model
+from distill.models import build_model, check_model_name, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
 from distill.runs import (
     better,
@@ -142,6 +142,8 @@ def main(argv=None):
     if not students:
         raise DistillError("students: the recipe has no students; add a list of {name, model, kd, ...}")
     precisions = {s.mixed_precision for s in students}
+    for student in students:
+        check_model_name(student.model, f"students.{recipe.students.index(student)}")
     if len(precisions) > 1:
         raise DistillError("students.*.mixed_precision: one process runs one precision; train students with "
                            "different precisions separately (--student NAME)")

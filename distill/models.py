@@ -101,14 +101,24 @@ def build_model(cfg, num_classes: int, where: str = "teacher",
     return model, _override(pre, cfg)
 
 
-def _build_timm(name: str, cfg, num_classes: int, where: str, classes):
+def check_model_name(spec: str, where: str) -> None:
+    """Fail fast on a `timm:` name timm does not know (`distill run` checks every model before training)."""
+    prefix, _, name = spec.partition(":")
+    if prefix != "timm":
+        return
     import timm
-    import timm.data
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise DistillError(f"{where}.model: unknown timm model {name!r}{hint}")
+
+
+def _build_timm(name: str, cfg, num_classes: int, where: str, classes):
+    import timm
+    import timm.data
+
+    check_model_name(cfg.model, where)
     kwargs = dict(cfg.timm_kwargs)
     if getattr(cfg, "zero_init_last_bn", None) is not None:
         kwargs["zero_init_last"] = cfg.zero_init_last_bn

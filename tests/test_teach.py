@@ -180,6 +180,15 @@ def test_bad_recipes(capsys, tmp_path, override, expected):
     assert _fail_in_process(capsys, tmp_path, override).startswith(expected)
 
 
+def test_distill_run_checks_every_student_before_training(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(ROOT / "recipes/tiny-vit.yaml"), f"output_dir={tmp_path / 'out'}",
+                  "students=[{name: a, model: 'timm:resnet18'}, {name: b, model: 'timm:resnet_nope'}]"])
+    assert e.value.code == 2
+    assert "error: students.1.model: unknown timm model 'resnet_nope'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_local_checkpoint_with_other_class_count(capsys, tmp_path):
     from distill.models import build_model, save_model
     recipe = load_recipe(ROOT / "recipes/tiny-vit.yaml")
