@@ -7,7 +7,8 @@ import sys
 from distill.errors import DistillError, exit_on_error
 
 COMMANDS = {
-    "run": "every stage of a recipe in order: distill run recipe.yaml [key.path=value ...]",
+    "run": "every stage of a recipe in order, skipping complete ones: distill run recipe.yaml [overrides] "
+           "[--from teach|learn]",
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
              "[--export-only] [--rebuild-targets]",
     "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME]",
@@ -42,19 +43,59 @@ def main(argv=None):
         return teach.main(rest)
     if command == "learn":
         return learn.main(rest)
-    # run: check the whole recipe before any stage starts, then teach (+ export), then every student
-    from distill.recipe import load_recipe
-    stage_args = teach.parse_args(rest)
-    recipe = load_recipe(stage_args.recipe, stage_args.overrides)
+    return run(rest)
+
+
+def run(argv) -> None:
+    """teach (+ export) → every student; a stage complete for this recipe is skipped, so a re-run resumes."""
+    import json
+    from pathlib import Path
+
+    from distill import learn, teach
     from distill.models import check_model_name
+    from distill.recipe import load_recipe
+    from distill.runs import finished
+
+    parser = argparse.ArgumentParser(prog="distill run", description=COMMANDS["run"])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--from", dest="start", choices=("teach", "learn"),
+                        help="run this stage and the ones after it again, even if complete")
+    args = parser.parse_args(argv)
+    # check the whole recipe, every model name included, before any stage starts
+    recipe = load_recipe(args.recipe, args.overrides)
     check_model_name(recipe.teacher.model, "teacher")
     for i, student in enumerate(recipe.students):
         check_model_name(student.model, f"students.{i}")
-    teach.main(rest)
-    if recipe.students:
-        learn.main([stage_args.recipe, *stage_args.overrides])
-    return None
+    base, run_dir = [args.recipe, *args.overrides], recipe.run_dir
 
+    print(f"== teach: {run_dir / 'teacher'}", flush=True)
+    done = finished(run_dir / "teacher" / "metrics.json", teach.teacher_fingerprint(recipe))
+    if done is False and args.start != "teach":
+        raise DistillError(f"teacher: {run_dir / 'teacher'} holds a teacher trained from another recipe (its data, "
+                           "teacher or seed differ); give this recipe another name, or pass --from teach to "
+                           "retrain it (its soft targets are rebuilt too)")
+    if done and args.start != "teach":
+        print("teacher complete for this recipe: skipped", flush=True)
+        if recipe.targets.export:
+            teach.main([*base, "--export-only"])  # finishes an interrupted export, else a no-op
+    else:
+        # a teacher trained now makes any store in targets/ stale: rebuild it
+        teach.main([*base, "--rebuild-targets"])
+    if not recipe.students:
+        return
+    print(f"== learn: {run_dir / 'students'}", flush=True)
+    manifest = Path(run_dir / "targets" / "manifest.json")
+    store_fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
+    todo = []
+    for student in recipe.students:
+        fp = learn.stage_fingerprint(recipe.seed, recipe.data, student, store_fp)
+        if args.start is None and finished(run_dir / "students" / student.name / "metrics.json", fp):
+            print(f"student {student.name} complete for this recipe: skipped", flush=True)
+        else:
+            todo += ["--student", student.name]
+    if todo:
+        learn.main([*base, *todo])
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,7 @@ from distill.runs import (
     make_loader,
     make_optimizer,
     make_scheduler,
+    stage_fingerprint,
     start_tracking,
     write_json,
     write_text,
@@ -292,7 +293,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
             "train_images_per_sec": train_images / max(train_seconds, 1e-9), "epochs": cfg.epochs, "seed": seed,
             "wall_seconds": time.perf_counter() - start, "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes, "lr": lr, **settings, "classes": classes,
-            "history": history,
+            "history": history, "fingerprint": stage_fingerprint(recipe.seed, recipe.data, cfg, store.manifest["fingerprint"]),
         })
         accelerator.print(f"student {cfg.name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     log_hparams(accelerator, hparams(recipe, "student", cfg),

@@ -1,6 +1,7 @@
-"""The run directory: atomic writes, data loaders, checkpoint selection, hyper-parameters for TensorBoard."""
+"""The run directory: atomic writes, stage fingerprints, loaders, optimisers, checkpoint selection, TensorBoard."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +31,21 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def stage_fingerprint(*parts) -> str:
+    """sha256 of what a stage's result depends on (recipe sections, an upstream fingerprint): a stage whose
+    metrics.json carries the same fingerprint is complete and `distill run` skips it."""
+    blob = json.dumps([to_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def finished(metrics_path: Path, fingerprint: str) -> bool | None:
+    """True: complete for this fingerprint; False: complete for another one; None: not complete."""
+    try:
+        return json.loads(Path(metrics_path).read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return None
 
 
 def better(metrics: dict, best: dict, select_by: str) -> bool:

@@ -36,6 +36,7 @@ from distill.runs import (
     make_loader,
     make_optimizer,
     make_scheduler,
+    stage_fingerprint,
     start_tracking,
     write_json,
     write_text,
@@ -178,6 +179,7 @@ def main(argv=None):
             **_smoothing_record(recipe),
             "classes": classes,
             "history": history,
+            "fingerprint": teacher_fingerprint(recipe),
         })
         accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
@@ -204,6 +206,10 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
                           train_split.classes, recipe.targets, seed, recipe.run_dir / "targets", accelerator,
                           targets.teacher_record(info), rebuild=rebuild, num_workers=recipe.data.num_workers,
                           progress=recipe.log.progress)
+
+
+def teacher_fingerprint(recipe) -> str:
+    return stage_fingerprint(recipe.seed, recipe.data, recipe.teacher)
 
 
 def _has_files(path: Path) -> bool:

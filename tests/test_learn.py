@@ -111,3 +111,20 @@ def test_only_the_named_student_and_errors(study, tmp_path):
     # no store at all
     r = run("distill", "learn", str(study.recipe), f"output_dir={tmp_path}", check=False)
     assert r.returncode == 2 and "error: targets: no store" in r.stderr
+
+
+def test_a_rerun_skips_every_complete_stage(study):
+    before = {name: study.metrics(name)["wall_seconds"] for name in ("baseline", "kd", "kd-warn", "online")}
+    r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}")
+    assert "teacher complete for this recipe: skipped" in r.stdout
+    assert "nothing to export" in r.stdout
+    for name in before:
+        assert f"student {name} complete for this recipe: skipped" in r.stdout
+        assert study.metrics(name)["wall_seconds"] == before[name]  # untouched
+    # a changed student is trained again, the others stay
+    r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "students.kd-warn.epochs=2")
+    assert "student kd-warn complete" not in r.stdout and "student kd complete for this recipe: skipped" in r.stdout
+    assert study.metrics("kd-warn")["epochs"] == 2
+    # another teacher recipe under the same name is refused, not overwritten
+    r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "teacher.epochs=1", check=False)
+    assert r.returncode == 2 and "error: teacher:" in r.stderr and "--from teach" in r.stderr
