@@ -118,9 +118,9 @@ def test_a_rerun_skips_every_complete_stage(study):
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}")
     assert "teacher complete for this recipe: skipped" in r.stdout
     assert "nothing to export" in r.stdout
-    for name in before:
+    for name, seconds in before.items():
         assert f"student {name} complete for this recipe: skipped" in r.stdout
-        assert study.metrics(name)["wall_seconds"] == before[name]  # untouched
+        assert study.metrics(name)["wall_seconds"] == seconds  # untouched
     # a changed student is trained again, the others stay
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "students.kd-warn.epochs=2")
     assert "student kd-warn complete" not in r.stdout and "student kd complete for this recipe: skipped" in r.stdout

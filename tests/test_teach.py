@@ -19,6 +19,7 @@ from distill.recipe import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ("top1", "top5", "macro_f1", "nll", "ece", "params", "eval_images_per_sec", "train_images_per_sec",
             "epochs", "seed", "wall_seconds", "label_smoothing", "trained_with_label_smoothing")
+NO_EXPORT = "targets.export=false"  # the store has its own tests (test_targets.py); keep these fast
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
 
@@ -40,7 +41,7 @@ def check_run_dir(run_dir: Path, recipe_path: str, overrides: list[str]) -> dict
 
 
 def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
-    overrides = [f"output_dir={tmp_path}"]
+    overrides = [f"output_dir={tmp_path}", NO_EXPORT]
     r = run(["accelerate", "launch", "--num_processes", "1", "--cpu", "--mixed_precision", "bf16",
              "distill/teach.py", "recipes/tiny-vit.yaml", *overrides])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -51,7 +52,7 @@ def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
 
 
 def test_timm_teacher_through_the_distill_command(tmp_path):
-    overrides = [f"output_dir={tmp_path}"]
+    overrides = [f"output_dir={tmp_path}", NO_EXPORT]
     r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides])
     assert r.returncode == 0, r.stderr[-3000:]
     m = check_run_dir(tmp_path / "tiny-timm", "recipes/tiny-timm.yaml", overrides)
@@ -61,7 +62,7 @@ def test_timm_teacher_through_the_distill_command(tmp_path):
 
 def test_two_processes_count_each_val_image_once(tmp_path):
     """torchrun with 2 processes trains, and its metrics equal a single-process evaluation of the saved model."""
-    overrides = [f"output_dir={tmp_path}", "teacher.epochs=1", "data.subset=301", "teacher.batch_size=32"]
+    overrides = [f"output_dir={tmp_path}", NO_EXPORT, "teacher.epochs=1", "data.subset=301", "teacher.batch_size=32"]
     r = run(["torchrun", "--nproc_per_node", "2", "distill/teach.py", "recipes/tiny-vit.yaml", *overrides])
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "tiny-vit" / "teacher" / "metrics.json").read_text())
@@ -81,7 +82,7 @@ def test_two_processes_count_each_val_image_once(tmp_path):
 
 def test_training_options_work_together(tmp_path):
     """Accumulation, clipping, MixUp+CutMix, layer decay, scaled lr, warm-up+cosine, bf16, eval_every in one run."""
-    overrides = [f"output_dir={tmp_path}", "data.subset=640", "teacher.epochs=3", "teacher.eval_every=2",
+    overrides = [f"output_dir={tmp_path}", NO_EXPORT, "data.subset=640", "teacher.epochs=3", "teacher.eval_every=2",
                  "teacher.mixed_precision=bf16", "teacher.optim.grad_accum=2", "teacher.optim.clip_grad=1.0",
                  "teacher.optim.layer_decay=0.75", "teacher.optim.scale_lr=true", "teacher.optim.warmup_epochs=1",
                  "teacher.optim.min_lr=1e-5", "teacher.mix.mixup_alpha=0.2", "teacher.mix.cutmix_alpha=1.0",
@@ -134,7 +135,7 @@ def test_users_own_data_image_folder_and_csv(tmp_path):
             y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
             Image.fromarray(img[y:y + 2 * h // 3, x:x + 2 * w // 3]).save(tmp_path / "folder" / cls / f"{i}.png")
     r = run(["distill", "teach", "recipes/tiny-vit.yaml", f"output_dir={tmp_path / 'runs'}", "name=folder",
-             "data.source=imagefolder", f"data.root={tmp_path / 'folder'}", "data.subset=null", "teacher.epochs=2"])
+             "data.source=imagefolder", f"data.root={tmp_path / 'folder'}", "data.subset=null", "teacher.epochs=2", NO_EXPORT])
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "runs" / "folder" / "teacher" / "metrics.json").read_text())
     assert m["classes"] == ["animal", "object"] and m["num_images"] == 12  # a stratified 0.2 of 60
@@ -149,7 +150,7 @@ def test_users_own_data_image_folder_and_csv(tmp_path):
     (tmp_path / "csv" / "train.csv").write_text("\n".join(lines) + "\n")
     r = run(["distill", "teach", "recipes/tiny-timm.yaml", f"output_dir={tmp_path / 'runs'}", "name=csv",
              "data.source=csv", f"data.root={tmp_path / 'csv' / 'train.csv'}", "data.path_column=file",
-             "data.label_column=garment", "data.subset=null", "data.val_fraction=0.25",
+             "data.label_column=garment", "data.subset=null", "data.val_fraction=0.25", NO_EXPORT,
              "teacher.batch_size=16", "teacher.epochs=6"])
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "runs" / "csv" / "teacher" / "metrics.json").read_text())
