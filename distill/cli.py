@@ -12,6 +12,7 @@ COMMANDS = {
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
              "[--export-only] [--rebuild-targets]",
     "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME]",
+    "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
 }
 
@@ -20,7 +21,7 @@ COMMANDS = {
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: distill {run,teach,learn,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
+        usage = "usage: distill {run,teach,learn,compare,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
         usage += "\n\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml"
         if argv and argv[0] not in ("-h", "--help"):
             raise DistillError(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
@@ -38,6 +39,9 @@ def main(argv=None):
         print(targets.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
         return None
 
+    if command == "compare":
+        from distill import compare
+        return compare.main(rest)
     from distill import learn, teach
     if command == "teach":
         return teach.main(rest)
@@ -96,6 +100,9 @@ def run(argv) -> None:
             todo += ["--student", student.name]
     if todo:
         learn.main([*base, *todo])
+    print(f"== compare: {run_dir}", flush=True)
+    from distill import compare
+    compare.main([str(run_dir)])
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,7 @@ def test_hparams_reach_tensorboard(study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(study.dir / "tb" / "kd")).Reload()
     assert events.Scalars("hparam/top1")[-1].value == pytest.approx(study.metrics("kd")["top1"])
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_only_the_named_student_and_errors(study, tmp_path):
@@ -128,3 +129,22 @@ def test_a_rerun_skips_every_complete_stage(study):
     # another teacher recipe under the same name is refused, not overwritten
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "teacher.epochs=1", check=False)
     assert r.returncode == 2 and "error: teacher:" in r.stderr and "--from teach" in r.stderr
+
+
+def test_compare_writes_the_table_and_tensorboard(study):
+    r = run("distill", "compare", str(study.dir))
+    table = (study.dir / "comparison.md").read_text()
+    for role in ("teacher", "baseline", "kd", "kd-warn", "online"):
+        assert f"| {role} |" in table and f"| {role} |" in r.stdout
+    rows = (study.dir / "comparison.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("run,model,role,top1")
+    assert (study.dir / "accuracy_vs_latency.png").stat().st_size > 1000
+    assert "Label-smoothing / KD policy decisions" in table and "T=1" in table
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    text = EventAccumulator(str(study.dir / "tb" / "compare")).Reload()
+    assert "comparison/text_summary" in text.Tags()["tensors"]
+    assert b"| kd |" in text.Tensors("comparison/text_summary")[0].tensor_proto.string_val[0]
+    hp = EventAccumulator(str(study.dir / "tb" / "compare" / "study-kd")).Reload()
+    assert hp.Scalars("compare/top1")[0].value == pytest.approx(study.metrics("kd")["top1"])
+    assert "_hparams_/session_start_info" in hp.PluginTagToContent("hparams")

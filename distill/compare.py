@@ -1,0 +1,205 @@
+"""Entry: one comparison table of the teacher and every student of one or more run directories.
+
+    python -m distill.compare runs/<recipe> [more run dirs ...]
+    distill compare runs/<recipe> [...]
+
+Writes <first run dir>/comparison.{md,csv}, an accuracy-vs-latency plot, and TensorBoard (tb/compare:
+the table as text, one hparams entry per model, the plot and the confusion matrices as images).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError, exit_on_error
+from distill.models import load_model
+from distill.runs import write_text
+
+COLUMNS = ("run", "model", "role", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1", "images_per_sec_b64",
+           "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix", "ls_decision")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="distill compare", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories (runs/<recipe>)")
+    p.add_argument("--no-speed", action="store_true", help="skip measuring latency and throughput")
+    return p.parse_args(argv)
+
+
+def find_models(run_dir: Path) -> list[tuple[str, Path]]:
+    """(role, model dir) of the teacher and each student that finished (has metrics.json)."""
+    found = []
+    if (run_dir / "teacher" / "metrics.json").is_file():
+        found.append(("teacher", run_dir / "teacher"))
+    for d in sorted((run_dir / "students").glob("*/")):
+        if (d / "metrics.json").is_file():
+            found.append((d.name, d))
+    return found
+
+
+@torch.inference_mode()
+def measure_speed(model_dir: Path, repeats: int = 20) -> tuple[float, float]:
+    """Median latency (ms) at batch 1 and throughput (images/s) at batch 64 on this machine, float32."""
+    model, pre, _ = load_model(model_dir)
+    model.eval()
+    results = []
+    for batch, n in ((1, repeats), (64, max(3, repeats // 5))):
+        x = torch.randn(batch, 3, pre.input_size, pre.input_size).contiguous(memory_format=torch.channels_last)
+        model(x)  # warm-up: oneDNN picks its kernels on the first call
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+        results.append(float(np.median(times)))
+    return results[0] * 1000, 64 / results[1]
+
+
+def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
+    m = json.loads((model_dir / "metrics.json").read_text())
+    latency, throughput = measure_speed(model_dir) if speed else (None, None)
+    mix = m.get("mix") or {}
+    mix_text = "+".join(k.split("_")[0] for k in ("mixup_alpha", "cutmix_alpha") if mix.get(k)) or "-"
+    student = role != "teacher"
+    return {
+        "run": run_dir.name, "model": m.get("model"), "role": role, "top1": m["top1"], "macro_f1": m["macro_f1"],
+        "nll": m["nll"], "ece": m["ece"], "params_m": m["params"] / 1e6, "latency_ms_b1": latency,
+        "images_per_sec_b64": throughput, "train_minutes": m["wall_seconds"] / 60,
+        "kd": m.get("kd_loss", "-") if student else "-", "temperature": m.get("temperature") if student else None,
+        "kd_weight": m.get("kd_weight") if student else None, "label_smoothing": m.get("label_smoothing"),
+        "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
+        "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"), "_reason": m.get("ls_reason"),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    reasons = [f"- {r['run']}/{r['role']}: {r['_reason']}" for r in rows if r.get("_reason")]
+    if reasons:
+        lines += ["", "Label-smoothing / KD policy decisions:", *reasons]
+    return "\n".join(lines) + "\n"
+
+
+def pareto(rows: list[dict]) -> list[bool]:
+    """Is each row on the accuracy/latency Pareto front (no other model both faster and more accurate)?"""
+    front = []
+    for r in rows:
+        dominated = any(o is not r and o["latency_ms_b1"] <= r["latency_ms_b1"] and o["top1"] >= r["top1"]
+                        and (o["latency_ms_b1"] < r["latency_ms_b1"] or o["top1"] > r["top1"]) for o in rows)
+        front.append(not dominated)
+    return front
+
+
+def plot(rows: list[dict]):
+    """Top-1 against latency at batch 1, one point per model, the Pareto front joined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    on_front = pareto(rows)
+    for r, front in zip(rows, on_front):
+        ax.scatter(r["latency_ms_b1"], r["top1"], c="tab:red" if front else "tab:blue", zorder=3)
+        ax.annotate(f"{r['run']}/{r['role']}", (r["latency_ms_b1"], r["top1"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    front = sorted((r for r, f in zip(rows, on_front) if f), key=lambda r: r["latency_ms_b1"])
+    ax.plot([r["latency_ms_b1"] for r in front], [r["top1"] for r in front], "--", c="tab:red", label="Pareto front")
+    ax.set_xlabel("latency at batch 1 (ms, this machine)")
+    ax.set_ylabel("val top-1")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(row: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(row["_confusion"], dtype=float)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(cm))
+    labels = row["_classes"] or [str(i) for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
+    ax.set_yticks(ticks, labels, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{row['run']}/{row['role']} (recall per row)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def to_tensorboard(rows: list[dict], table: str, out_dir: Path, figure) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir))
+    writer.add_text("comparison", table)
+    for r in rows:
+        params = {c: ("-" if r[c] is None else r[c]) for c in COLUMNS if c not in
+                  ("top1", "macro_f1", "nll", "ece", "latency_ms_b1", "images_per_sec_b64")}
+        metrics = {f"compare/{k}": float(r[k]) for k in ("top1", "macro_f1", "nll", "ece", "latency_ms_b1",
+                                                           "images_per_sec_b64") if r[k] is not None}
+        writer.add_hparams(params, metrics, run_name=f"{r['run']}-{r['role']}")
+        if r["_confusion"]:
+            writer.add_figure(f"confusion/{r['run']}/{r['role']}", confusion_figure(r))
+    if figure is not None:
+        writer.add_figure("accuracy_vs_latency", figure)
+    writer.close()
+
+
+@exit_on_error
+def main(argv=None):
+    args = parse_args(argv)
+    run_dirs = [Path(r) for r in args.runs]
+    for d in run_dirs:
+        if not d.is_dir():
+            raise DistillError(f"{d}: no such run directory; give runs/<recipe name>")
+    rows = []
+    for d in run_dirs:
+        models = find_models(d)
+        if not models:
+            print(f"warning: {d}: no finished teacher or student (no metrics.json)", file=sys.stderr)
+        rows += [row_for(d, role, model_dir, not args.no_speed) for role, model_dir in models]
+    if not rows:
+        raise DistillError(f"{', '.join(map(str, run_dirs))}: nothing to compare; run distill teach / learn first")
+    table = markdown(rows)
+    out = run_dirs[0]
+    write_text(out / "comparison.md", table)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "comparison.csv", buf.getvalue())
+    figure = None
+    if not args.no_speed:
+        figure = plot(rows)
+        figure.savefig(out / "accuracy_vs_latency.png")
+    to_tensorboard(rows, table, out / "tb" / "compare", figure)
+    print(table)
+    print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'tb' / 'compare'}")
+
+
+if __name__ == "__main__":
+    main()
