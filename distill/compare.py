@@ -132,7 +132,7 @@ def plot(rows: list[dict]):
     ax.set_xlabel("latency at batch 1 (ms, this machine)")
     ax.set_ylabel("val top-1")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     return fig
 
