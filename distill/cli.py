@@ -52,10 +52,8 @@ def main(argv=None):
 
 def run(argv) -> None:
     """teach (+ export) → every student; a stage complete for this recipe is skipped, so a re-run resumes."""
-    import json
-    from pathlib import Path
 
-    from distill import learn, teach
+    from distill import teach
     from distill.models import check_model_name
     from distill.recipe import load_recipe
     from distill.runs import finished
@@ -86,23 +84,35 @@ def run(argv) -> None:
     else:
         # a teacher trained now makes any store in targets/ stale: rebuild it
         teach.main([*base, "--rebuild-targets"])
-    if not recipe.students:
-        return
+    if recipe.students:
+        learn_students(recipe, base, args.start)
+    print(f"== compare: {run_dir}", flush=True)
+    from distill import compare
+    compare.main([str(run_dir)])
+
+
+def learn_students(recipe, base: list[str], start: str | None) -> None:
+    """Every student not yet complete for this recipe and store (all of them with --from)."""
+    import json
+    from pathlib import Path
+
+    from distill import learn
+    from distill.runs import finished, stage_fingerprint
+
+    run_dir = recipe.run_dir
     print(f"== learn: {run_dir / 'students'}", flush=True)
     manifest = Path(run_dir / "targets" / "manifest.json")
     store_fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
     todo = []
     for student in recipe.students:
-        fp = learn.stage_fingerprint(recipe.seed, recipe.data, student, store_fp)
-        if args.start is None and finished(run_dir / "students" / student.name / "metrics.json", fp):
+        fp = stage_fingerprint(recipe.seed, recipe.data, student, store_fp)
+        if start is None and finished(run_dir / "students" / student.name / "metrics.json", fp):
             print(f"student {student.name} complete for this recipe: skipped", flush=True)
         else:
             todo += ["--student", student.name]
     if todo:
         learn.main([*base, *todo])
-    print(f"== compare: {run_dir}", flush=True)
-    from distill import compare
-    compare.main([str(run_dir)])
+
 
 if __name__ == "__main__":
     main()
