@@ -637,5 +637,6 @@ def teacher_record(info: dict) -> dict:
             "mean": pre.get("mean"), "std": pre.get("std"), "interpolation": pre.get("interpolation"),
             "label_smoothing": extra.get("label_smoothing"),
             "pretrain_label_smoothing": extra.get("pretrain_label_smoothing"),
+            "fine_tuned": extra.get("fine_tuned"),
             "trained_with_label_smoothing": extra.get("trained_with_label_smoothing")}
 

@@ -217,15 +217,23 @@ def _has_files(path: Path) -> bool:
 
 
 def _smoothing_record(recipe) -> dict:
-    """What later stages must know about how the teacher's targets were shaped (see DESIGN.md, LS vs KD)."""
+    """What later stages must know about how the teacher's targets were shaped (see DESIGN.md, LS vs KD).
+
+    A card's pre-training smoothing shaped the targets only while its own head makes them: a fine-tune
+    (epochs > 0) trains the head on this data with `label_smoothing`, so then that setting is what counts.
+    """
     cfg = recipe.teacher
-    if cfg.label_smoothing > 0 or (cfg.pretrain_label_smoothing or 0) > 0:
+    fine_tuned = cfg.epochs > 0
+    if cfg.label_smoothing > 0 or (not fine_tuned and (cfg.pretrain_label_smoothing or 0) > 0):
         smoothed = True
-    else:  # unknown when the card does not say how the weights were pre-trained
-        smoothed = None if cfg.pretrain_label_smoothing is None and cfg.pretrained is not False else False
+    elif fine_tuned or cfg.pretrained is False:
+        smoothed = False
+    else:  # the card's own head, and the card does not say how it was trained
+        smoothed = None if cfg.pretrain_label_smoothing is None else False
     return {
         "label_smoothing": cfg.label_smoothing,
         "pretrain_label_smoothing": cfg.pretrain_label_smoothing,
+        "fine_tuned": fine_tuned,
         "trained_with_label_smoothing": smoothed,
     }
 

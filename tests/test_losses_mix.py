@@ -186,3 +186,8 @@ def test_ls_policy_decisions():
     # and a card's pre-training smoothing too
     t, d = ls_policy(KDConfig(temperature=2.0), {"pretrain_label_smoothing": 0.1}, {})
     assert t == 1.0 and "teacher card" in d["ls_reason"]
+    # ... unless a fine-tune trained the head again without smoothing: then it is noted, not counted
+    t, d = ls_policy(KDConfig(temperature=2.0), {"pretrain_label_smoothing": 0.1, "fine_tuned": True}, {})
+    assert t == 2.0 and d["ls_decision"] == "keep" and "fine-tuned without it" in d["ls_reason"]
+    t, d = ls_policy(KDConfig(temperature=2.0), {"pretrain_label_smoothing": 0.1, "fine_tuned": True}, diag)
+    assert t == 1.0 and "store diagnostic" in d["ls_reason"] and "teacher card" not in d["ls_reason"]
