@@ -313,7 +313,7 @@ def main():
             out.mkdir(parents=True, exist_ok=True)
             recipe = out / "students.yaml"
             recipe.write_text(yaml.safe_dump(make_recipe(args, out), sort_keys=False))
-            distill = [shutil.which("distill")] if shutil.which("distill") else [sys.executable, "-m", "distill.cli"]
+            distill = [sys.executable, "-m", "distill.cli"]  # run from ROOT: this checkout's code, installed or not
             timings["teach"] = stage("teach", [*distill, "teach", str(recipe)], out / "teach.log")
             timings["learn"] = stage("learn", [*distill, "learn", str(recipe)], out / "learn.log")
         recipe = yaml.safe_load((out / "students.yaml").read_text())
