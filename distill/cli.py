@@ -92,26 +92,35 @@ def run(argv) -> None:
 
 
 def learn_students(recipe, base: list[str], start: str | None) -> None:
-    """Every student not yet complete for this recipe and store (all of them with --from)."""
+    """Every student not yet complete for this recipe and store (all of them with --from), then every FixRes
+    stage not yet complete (a changed `fixres:` redoes only that stage)."""
     import json
     from pathlib import Path
 
     from distill import learn
-    from distill.runs import finished, stage_fingerprint
+    from distill.runs import finished
 
     run_dir = recipe.run_dir
     print(f"== learn: {run_dir / 'students'}", flush=True)
     manifest = Path(run_dir / "targets" / "manifest.json")
     store_fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
-    todo = []
+    train, fixres = [], []
     for student in recipe.students:
-        fp = stage_fingerprint(recipe.seed, recipe.data, student, store_fp)
-        if start is None and finished(run_dir / "students" / student.name / "metrics.json", fp):
-            print(f"student {student.name} complete for this recipe: skipped", flush=True)
+        student_dir = run_dir / "students" / student.name
+        if start is not None or not finished(student_dir / "metrics.json",
+                                             learn.student_fingerprint(recipe, student, store_fp)):
+            train += ["--student", student.name]  # its FixRes stage, if any, follows it
+        elif student.fixres is not None and not finished(student_dir / "fixres" / "metrics.json",
+                                                         learn.fixres_fingerprint(recipe, student, store_fp)):
+            print(f"student {student.name} complete for this recipe: skipped; its FixRes stage runs", flush=True)
+            fixres += ["--student", student.name]
         else:
-            todo += ["--student", student.name]
-    if todo:
-        learn.main([*base, *todo])
+            print(f"student {student.name}{' (+ FixRes)' if student.fixres else ''} complete for this recipe: "
+                  "skipped", flush=True)
+    if train:
+        learn.main([*base, *train])
+    if fixres:
+        learn.main([*base, *fixres, "--fixres-only"])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from distill.errors import DistillError, exit_on_error
 from distill.models import load_model
 from distill.runs import write_text
 
-COLUMNS = ("run", "model", "role", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1", "images_per_sec_b64",
+COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1", "images_per_sec_b64",
            "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix", "ls_decision")
 
 
@@ -45,6 +45,8 @@ def find_models(run_dir: Path) -> list[tuple[str, Path]]:
     for d in sorted((run_dir / "students").glob("*/")):
         if (d / "metrics.json").is_file():
             found.append((d.name, d))
+        if (d / "fixres" / "metrics.json").is_file():
+            found.append((f"{d.name}+fixres", d / "fixres"))
     return found
 
 
@@ -79,13 +81,15 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
     student = role != "teacher"
     distilled = student and m.get("kd_loss") not in (None, "none")
     return {
-        "run": run_dir.name, "model": m.get("model"), "role": role, "top1": m["top1"], "macro_f1": m["macro_f1"],
+        "run": run_dir.name, "model": m.get("model"), "role": role,
+        "resolution": m.get("resolution") or m.get("input_size"), "top1": m["top1"], "macro_f1": m["macro_f1"],
         "nll": m["nll"], "ece": m["ece"], "params_m": m["params"] / 1e6, "latency_ms_b1": latency,
         "images_per_sec_b64": throughput, "train_minutes": m["wall_seconds"] / 60,
         "kd": m.get("kd_loss", "-") if student else "-", "temperature": m.get("temperature") if distilled else None,
         "kd_weight": m.get("kd_weight") if distilled else None, "label_smoothing": m.get("label_smoothing"),
         "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
-        "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"), "_reason": m.get("ls_reason"),
+        "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"),
+        "_reason": m.get("ls_reason") if not m.get("fixres") else None, "_fixres": m.get("fixres"),
     }
 
 
@@ -102,6 +106,14 @@ def markdown(rows: list[dict]) -> str:
     reasons = [f"- {r['run']}/{r['role']}: {r['_reason']}" for r in rows if r.get("_reason")]
     if reasons:
         lines += ["", "Label-smoothing / KD policy decisions:", *reasons]
+    fixres = [r for r in rows if r.get("_fixres")]
+    if fixres:
+        lines += ["", "FixRes: val top-1 before -> after the fine-tune, at each resolution:"]
+        for r in fixres:
+            f = r["_fixres"]
+            sizes = sorted({int(k.rsplit("_", 1)[1][:-2]) for k in f if k.startswith(("before_", "after_"))})
+            lines.append(f"- {r['run']}/{r['role']}: " + ", ".join(
+                f"{px}px {f[f'before_{px}px']['top1']:.4f} -> {f[f'after_{px}px']['top1']:.4f}" for px in sizes))
     return "\n".join(lines) + "\n"
 
 

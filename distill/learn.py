@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
@@ -30,7 +32,7 @@ from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
 from distill.mix import mix_images, mix_targets, rescale, sample_mix
 from distill.models import build_model, check_model_name, count_params, load_model, param_groups, save_model
-from distill.recipe import dump_recipe, load_recipe
+from distill.recipe import OptimConfig, dump_recipe, load_recipe, to_plain
 from distill.runs import (
     better,
     hparams,
@@ -51,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. students.small.epochs=3")
     p.add_argument("--student", action="append", help="train only this student (repeatable)")
-    return p.parse_args(argv)
+    p.add_argument("--fixres-only", action="store_true",
+                   help="run only the FixRes stage of students already trained (those with `fixres:`)")
+    return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 # --- the label-smoothing / KD policy (DESIGN.md) ---------------------------------------------
@@ -104,6 +108,28 @@ def teacher_probs(logits: torch.Tensor, kd, temperature: float) -> torch.Tensor:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     z = losses.standardize(logits) if kd.standardize else logits.float()
     return F.softmax(z / temperature, dim=-1)
+
+
+def batch_target(batch, mix, teacher, kd, temperature: float, accelerator, mix_kl: list | None = None):
+    """The KD target of a (student image, label, cached logits[, teacher image]) batch mixed by `mix`.
+
+    None for the baseline. Online: the teacher's output on the very (mixed) image, exact; then, when the
+    batch is mixed, the KL from it to the cached approximation is appended to `mix_kl`. Cached: the stored
+    logits at temperature T, mixed in probability space with the same λ.
+    """
+    if kd.loss == "none":
+        return None
+    x, cached = batch[0], batch[2]
+    if teacher is None:
+        return mix_targets(teacher_probs(cached, kd, temperature), mix)
+    xt = mix_images(batch[3], rescale(mix, x.shape[-2:], batch[3].shape[-2:]))
+    with torch.inference_mode(), accelerator.autocast():
+        target = teacher_probs(teacher(xt).float(), kd, temperature)
+    target = target.clone()  # leave inference mode: the loss needs a normal tensor
+    if mix is not None and mix_kl is not None:  # how far the cached approximation is from the truth
+        approx = mix_targets(teacher_probs(cached, kd, temperature), mix)
+        mix_kl.append(F.kl_div(approx.clamp_min(1e-12).log(), target, reduction="batchmean").item())
+    return target
 
 
 def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix) -> dict:
@@ -173,10 +199,28 @@ def main(argv=None):
     teacher_dir = run_dir / "teacher"
     if (teacher_dir / "model.json").is_file():
         store.check({"teacher.sha256": json.loads((teacher_dir / "model.json").read_text())["sha256"]})
+    if args.fixres_only:
+        students = [st for st in students if st.fixres is not None]
+        for st in students:
+            if not (run_dir / "students" / st.name / "metrics.json").is_file():
+                raise DistillError(f"--fixres-only: student {st.name!r} has not been trained yet "
+                                   f"({run_dir / 'students' / st.name} has no metrics.json); run learn without it")
     for student in students:
-        train_student(recipe, student, recipe.students.index(student), store, samples, val_split, classes,
-                      accelerator)
+        index = recipe.students.index(student)
+        if not args.fixres_only:
+            train_student(recipe, student, index, store, samples, val_split, classes, accelerator)
+        if student.fixres is not None:
+            fixres_student(recipe, student, index, store, samples, val_split, classes, accelerator)
     accelerator.end_training()
+
+
+def online_teacher(recipe, kd, accelerator):
+    """(teacher, its preprocessing) for online KD, else (None, None)."""
+    if kd.targets != "online" or kd.loss == "none":
+        return None, None
+    teacher, teacher_pre, _ = load_model(recipe.run_dir / "teacher")
+    # The teacher, frozen in this one place: eval mode, no gradients, inference mode in the loop.
+    return teacher.eval().requires_grad_(False).to(accelerator.device), teacher_pre
 
 
 def train_student(recipe, cfg, index, store, samples, val_split, classes, accelerator):
@@ -190,11 +234,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         accelerator.print(f"warning: {cfg.name}: {decision['ls_reason']}")
 
     model, pre = build_model(cfg, num_classes, where=where, classes=classes)
-    teacher = teacher_pre = None
-    if kd.targets == "online" and kd.loss != "none":
-        teacher, teacher_pre, _ = load_model(recipe.run_dir / "teacher")
-        # The teacher, frozen in this one place: eval mode, no gradients, inference mode in the loop.
-        teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
+    teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
     train_ds = ReplayDataset(store, samples, pre, view="random", seed=seed, teacher_pre=teacher_pre)
     if kd.loss == "none" or not kd.use_unlabeled:
         train_ds = Subset(train_ds, range(samples.num_labeled))  # labels only: the baseline's data
@@ -233,22 +273,11 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         bar = tqdm(train_loader, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
         for batch in bar:
-            x, y, cached = batch[:3]
+            x, y = batch[:2]
             with accelerator.accumulate(model):
                 mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
                 x = mix_images(x, mix)
-                if kd.loss == "none":
-                    target = None
-                elif teacher is not None:  # online: the teacher sees the very mixed image (exact)
-                    xt = mix_images(batch[3], rescale(mix, x.shape[-2:], batch[3].shape[-2:]))
-                    with torch.inference_mode(), accelerator.autocast():
-                        target = teacher_probs(teacher(xt).float(), kd, temperature)
-                    target = target.clone()  # leave inference mode: the loss needs a normal tensor
-                    if mix is not None:  # how far the cached approximation is from the truth, measured
-                        approx = mix_targets(teacher_probs(cached, kd, temperature), mix)
-                        mix_kl.append(F.kl_div(approx.clamp_min(1e-12).log(), target, reduction="batchmean").item())
-                else:  # cached: stored logits, mixed in probability space with the same λ
-                    target = mix_targets(teacher_probs(cached, kd, temperature), mix)
+                target = batch_target(batch, mix, teacher, kd, temperature, accelerator, mix_kl)
                 parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients and cfg.optim.clip_grad:
@@ -301,13 +330,159 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
             "train_images_per_sec": train_images / max(train_seconds, 1e-9), "epochs": cfg.epochs, "seed": seed,
             "wall_seconds": time.perf_counter() - start, "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes, "lr": lr, **settings, "classes": classes,
-            "history": history, "fingerprint": stage_fingerprint(recipe.seed, recipe.data, cfg, store.manifest["fingerprint"]),
+            "history": history, "fingerprint": student_fingerprint(recipe, cfg, store.manifest["fingerprint"]),
         })
         accelerator.print(f"student {cfg.name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     log_hparams(accelerator, hparams(recipe, "student", cfg),
                 {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
     accelerator.free_memory()
     return best
+
+
+# --- FixRes (Touvron et al. 2019) ------------------------------------------------------------
+def student_fingerprint(recipe, cfg, store_fp) -> str:
+    """What a student's training depends on. Its FixRes stage is not part of it: changing `fixres:` redoes
+    only that stage (`fixres_fingerprint`)."""
+    return stage_fingerprint(recipe.seed, recipe.data, dataclasses.replace(cfg, fixres=None), store_fp)
+
+
+def fixres_fingerprint(recipe, cfg, store_fp) -> str:
+    return stage_fingerprint(student_fingerprint(recipe, cfg, store_fp), cfg.fixres)
+
+
+def fixres_parts(model: nn.Module, train_last_block: bool, where: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(modules that train, normalisation layers re-estimated) in the FixRes fine-tune; the rest stays frozen.
+
+    "Last block" is the last group of timm's finest parameter grouping before the classifier's group (a
+    ResNet's last bottleneck, an EfficientNet's last block with conv_head and bn2). The classifier's group
+    trains; the normalisation layers of the last block and the head are re-estimated at the test resolution
+    and their affine parameters train (the paper fine-tunes the classifier and the batch norm before
+    pooling); with `train_last_block` the whole last block trains too.
+    """
+    from timm.models import group_modules
+
+    if not hasattr(model, "group_matcher"):
+        raise DistillError(f"{where}.fixres: FixRes needs a timm student (`timm:<name>`); {type(model).__name__} "
+                           "has no block structure to find its last block")
+    groups = group_modules(model, model.group_matcher(coarse=False))
+    ids = sorted(groups)
+    last_block, head = ([model.get_submodule(n) for n in groups[i]] for i in (ids[-2], ids[-1]))
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    norms = [m for part in (*last_block, *head) for m in part.modules() if isinstance(m, norm_types)]
+    return (last_block if train_last_block else []) + head + norms, norms
+
+
+def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accelerator):
+    """Fine-tune a trained student at the test resolution with the test transform, keeping the KD signal.
+
+    Training images are the store's center views (the test-time crop) rendered at `fixres.resolution`; the KD
+    target is the teacher's stored logits on that very view (cached) or its live output on it (online).
+    Writes students/<name>/fixres/ (the model, at the test resolution, and metrics.json with accuracy before
+    and after at both resolutions).
+    """
+    fx, kd, where = cfg.fixres, cfg.kd, f"students.{index}"
+    num_classes = len(classes)
+    seed = recipe.seed if cfg.seed is None else cfg.seed
+    set_seed(seed)
+    student_dir = recipe.run_dir / "students" / cfg.name
+    out_dir = student_dir / "fixres"
+    start = time.perf_counter()
+    model, train_pre, _ = load_model(student_dir)  # its selected checkpoint (the EMA weights with `ema`)
+    test_pre = dataclasses.replace(train_pre, input_size=fx.resolution, crop_pct=fx.crop_pct or train_pre.crop_pct)
+    temperature, _ = ls_policy(kd, store.manifest["teacher"], store.manifest.get("diagnostics", {}))
+    teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
+    train_ds = ReplayDataset(store, samples, test_pre, view="center", seed=seed, teacher_pre=teacher_pre)
+    if kd.loss == "none" or not kd.use_unlabeled:
+        train_ds = Subset(train_ds, range(samples.num_labeled))
+    batch_size = fx.batch_size or cfg.batch_size
+    train_loader = make_loader(train_ds, batch_size, recipe, train=True, world_size=accelerator.num_processes,
+                               seed=seed)
+    val_loaders = {res: make_loader(ImageDataset(val_split, build_transform(None, "eval", p, where=f"{where}.eval")),
+                                    cfg.eval_batch_size or batch_size, recipe, train=False,
+                                    world_size=accelerator.num_processes)
+                   for res, p in ((train_pre.input_size, train_pre), (fx.resolution, test_pre))}
+
+    trained, norms = fixres_parts(model, fx.train_last_block, where)
+    model.requires_grad_(False)
+    for m in trained:
+        m.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = OptimConfig(name="sgd", lr=fx.lr, weight_decay=fx.weight_decay, min_lr=0.0)
+    optimizer, lr = make_optimizer([{"params": params, "weight_decay": fx.weight_decay, "lr_scale": 1.0}], optim,
+                                   batch_size * accelerator.num_processes)
+    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader,
+                                                                  *val_loaders.values())
+    val_loaders = dict(zip(val_loaders, loaders))
+    scheduler = make_scheduler(optimizer, optim, lr, fx.epochs * len(train_loader), len(train_loader))
+
+    def evaluate_both() -> dict:
+        return {res: evaluate(model, loader, accelerator, num_classes) for res, loader in val_loaders.items()}
+
+    before = evaluate_both()
+    bn = [m for m in norms if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in bn:  # re-estimate from scratch: a cumulative average over every FixRes batch
+        m.reset_running_stats()
+        m.momentum = None
+    start_tracking(accelerator, f"{cfg.name}-fixres")
+    accelerator.print(f"fixres {cfg.name}: {train_pre.input_size}px -> {fx.resolution}px, {fx.epochs} epoch(s) "
+                      f"on {len(train_ds)} center views, {sum(p.numel() for p in params)} trainable parameters, "
+                      f"{len(bn)} normalisation layer(s) re-estimated, kd {kd.loss} ({kd.targets}, T={temperature:g})")
+    step, train_images, train_seconds = 0, 0, 0.0
+    for epoch in range(fx.epochs):
+        model.eval()  # frozen layers keep their statistics; only the parts FixRes adapts run in train mode
+        for m in trained:
+            m.train()
+        epoch_start = time.perf_counter()
+        for batch in tqdm(train_loader, desc=f"{cfg.name} fixres {epoch + 1}/{fx.epochs}", leave=False,
+                          disable=None if recipe.log.progress and accelerator.is_local_main_process else True):
+            x, y = batch[:2]
+            target = batch_target(batch, None, teacher, kd, temperature, accelerator)
+            parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, None)
+            accelerator.backward(parts["loss"])
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            scheduler.step_update(step)
+            train_images += len(y) * accelerator.num_processes
+            if step % recipe.log.every_steps == 0:
+                accelerator.log({f"fixres/{k}": accelerator.reduce(v.detach(), "mean").item()
+                                 for k, v in parts.items()}, step=step)
+        train_seconds += time.perf_counter() - epoch_start
+    for m in bn:
+        m.momentum = 0.1  # torch's default, so that the saved model behaves like any other
+    model.eval()
+    after = evaluate_both()
+    keys = ("top1", "top5", "macro_f1", "nll", "ece")
+    table = {f"{when}_{res}px": {k: m[res][k] for k in keys} for when, m in (("before", before), ("after", after))
+             for res in m}
+    for name, values in table.items():
+        accelerator.log({f"fixres/{name}/{k}": v for k, v in values.items()}, step=step)
+    lo, hi = train_pre.input_size, fx.resolution
+    accelerator.print(f"fixres {cfg.name}: top1 at {hi}px {before[hi]['top1']:.4f} -> {after[hi]['top1']:.4f} "
+                      f"(at {lo}px {before[lo]['top1']:.4f} -> {after[lo]['top1']:.4f})")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_model(unwrapped, test_pre, out_dir, classes, extra={"student": cfg.name, "fixres": True})
+        student = json.loads((student_dir / "metrics.json").read_text())
+        inherited = {k: student.get(k) for k in ("model", "kd_loss", "kd_targets", "temperature", "kd_weight",
+                                                  "kd_standardize", "label_smoothing", "mix", "ema", "seed",
+                                                  "ls_policy", "ls_decision", "ls_reason", "ls_evidence")}
+        fixres_seconds = time.perf_counter() - start
+        write_json(out_dir / "metrics.json", {
+            **after[hi], **inherited, "student": f"{cfg.name}+fixres", "resolution": hi, "train_resolution": lo,
+            "params": count_params(unwrapped), "fixres": {**to_plain(fx), **table},
+            "trainable_params": sum(p.numel() for p in params), "renormalised_layers": len(bn),
+            "train_images_per_sec": train_images / max(train_seconds, 1e-9), "fixres_seconds": fixres_seconds,
+            # the cost of this model is the student's training plus its FixRes stage
+            "wall_seconds": student.get("wall_seconds", 0.0) + fixres_seconds, "classes": classes,
+            "num_processes": accelerator.num_processes,
+            "fingerprint": fixres_fingerprint(recipe, cfg, store.manifest["fingerprint"]),
+        })
+    accelerator.wait_for_everyone()
+    log_hparams(accelerator, {**hparams(recipe, "student", cfg), "fixres_resolution": hi},
+                {k: after[hi][k] for k in keys})
+    accelerator.free_memory()
+    return after[hi]
 
 
 if __name__ == "__main__":

@@ -171,6 +171,20 @@ class KDConfig:
 
 
 @dataclass(frozen=True)
+class FixResConfig:
+    """FixRes (Touvron et al. 2019): after training, fine-tune at the test resolution with the test transform."""
+
+    resolution: int = field(metadata=_at_least(8))  # the test resolution: the student is evaluated and saved at it
+    epochs: int = field(default=2, metadata=_at_least(1))
+    lr: float = field(default=1e-3, metadata=_positive())  # SGD with momentum, cosine to 0 over the epochs
+    weight_decay: float = field(default=0.0, metadata=_non_negative())
+    batch_size: int | None = field(default=None, metadata=_at_least(1))  # null: the student's
+    crop_pct: float | None = field(default=None, metadata=_half_open_unit())  # null: the student's test crop
+    # false: only the classifier and the last block's normalisation (statistics re-estimated) train
+    train_last_block: bool = False
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     name: str
     model: str  # "timm:<name>"
@@ -195,6 +209,7 @@ class StudentConfig:
     optim: OptimConfig = OptimConfig(lr=0.05, name="sgd", weight_decay=5e-5)
     mix: MixConfig = MixConfig()
     kd: KDConfig = KDConfig()
+    fixres: FixResConfig | None = None  # null: no FixRes stage
 
 
 @dataclass(frozen=True)
@@ -411,6 +426,9 @@ def _convert(hint, value, where):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a section: its own error names the key inside
+            return _build(sections[0], value, where)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

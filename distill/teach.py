@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="skip fine-tuning: export the soft targets of the saved teacher (resumes a partial export)")
     p.add_argument("--rebuild-targets", action="store_true",
                    help="replace a soft-target store built for another teacher, dataset or view spec")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 def teacher_loss(logits, labels, num_classes, smoothing, mix):
