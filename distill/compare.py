@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def markdown(rows: list[dict]) -> str:
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += seed_summary(rows)
     reasons = [f"- {r['run']}/{r['role']}: {r['_reason']}" for r in rows if r.get("_reason")]
     if reasons:
         lines += ["", "Label-smoothing / KD policy decisions:", *reasons]
@@ -115,6 +117,29 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"- {r['run']}/{r['role']}: " + ", ".join(
                 f"{px}px {f[f'before_{px}px']['top1']:.4f} -> {f[f'after_{px}px']['top1']:.4f}" for px in sizes))
     return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: list[dict]) -> list[str]:
+    """Mean ± std (n - 1) over seeds of the students named <group>-s<seed>, for groups of two or more."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        match = re.fullmatch(r"(.+)-s\d+(\+fixres)?", r["role"])
+        if match and r["role"] != "teacher":
+            groups.setdefault((r["run"], match[1] + (match[2] or "")), []).append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+    lines = ["", "Over seeds (students named <group>-s<seed>): mean ± std", "",
+             "| run | group | seeds | top1 | macro_f1 | nll | temperature |", "|---|---|---|---|---|---|---|"]
+    for (run, group), members in groups.items():
+        stats = []
+        for key in ("top1", "macro_f1", "nll"):
+            v = np.array([m[key] for m in members], dtype=float)
+            stats.append(f"{v.mean():.4f} ± {v.std(ddof=1):.4f}")
+        temps = sorted({m["temperature"] for m in members if m["temperature"] is not None})
+        lines.append(f"| {run} | {group} | {len(members)} | {' | '.join(stats)} | "
+                     f"{', '.join(f'{t:g}' for t in temps) or '-'} |")
+    return lines
 
 
 def pareto(rows: list[dict]) -> list[bool]:

@@ -25,7 +25,8 @@ def run(*args, check=True):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A tiny-ViT teacher fine-tuned with label smoothing 0.1, its store (with unlabeled images), 4 students."""
+    """A tiny-ViT teacher fine-tuned with label smoothing 0.1, its store (with unlabeled images), 4 students
+    (one with a FixRes stage)."""
     out = tmp_path_factory.mktemp("learn")
     recipe = yaml.safe_load((ROOT / "recipes/tiny-vit.yaml").read_text())
     recipe["name"] = "study"
@@ -35,7 +36,7 @@ def study(tmp_path_factory):
     recipe["students"] = [
         {"name": "baseline", **STUDENT, "kd": "none"},
         {"name": "kd", **STUDENT, "kd": {"loss": "kl", "temperature": 4.0}, "label_smoothing": 0.1,
-         "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}},
+         "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, "fixres": {"resolution": 32, "epochs": 1}},
         {"name": "kd-warn", **STUDENT, "epochs": 1, "kd": {"loss": "dist", "temperature": 4.0, "ls_policy": "warn",
                                                            "use_unlabeled": False}},
         {"name": "online", **STUDENT, "epochs": 1, "ema": 0.9,
@@ -120,12 +121,21 @@ def test_a_rerun_skips_every_complete_stage(study):
     assert "teacher complete for this recipe: skipped" in r.stdout
     assert "nothing to export" in r.stdout
     for name, seconds in before.items():
-        assert f"student {name} complete for this recipe: skipped" in r.stdout
+        done = f"student {name}{' (+ FixRes)' if name == 'kd' else ''} complete for this recipe: skipped"
+        assert done in r.stdout
         assert study.metrics(name)["wall_seconds"] == seconds  # untouched
     # a changed student is trained again, the others stay
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "students.kd-warn.epochs=2")
-    assert "student kd-warn complete" not in r.stdout and "student kd complete for this recipe: skipped" in r.stdout
+    assert "student kd-warn complete" not in r.stdout and "student kd (+ FixRes) complete" in r.stdout
     assert study.metrics("kd-warn")["epochs"] == 2
+    # a changed FixRes stage runs again on the trained student, which stays as it was
+    fixres = json.loads((study.dir / "students/kd/fixres/metrics.json").read_text())
+    r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "students.kd-warn.epochs=2",
+            "students.kd.fixres.epochs=2")
+    assert "student kd complete for this recipe: skipped; its FixRes stage runs" in r.stdout
+    assert study.metrics("kd")["wall_seconds"] == before["kd"]
+    again = json.loads((study.dir / "students/kd/fixres/metrics.json").read_text())
+    assert again["fixres"]["epochs"] == 2 and again["fingerprint"] != fixres["fingerprint"]
     # another teacher recipe under the same name is refused, not overwritten
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "teacher.epochs=1", check=False)
     assert r.returncode == 2 and "error: teacher:" in r.stderr and "--from teach" in r.stderr
@@ -137,7 +147,8 @@ def test_compare_writes_the_table_and_tensorboard(study):
     for role in ("teacher", "baseline", "kd", "kd-warn", "online"):
         assert f"| {role} |" in table and f"| {role} |" in r.stdout
     rows = (study.dir / "comparison.csv").read_text().splitlines()
-    assert len(rows) == 6 and rows[0].startswith("run,model,role,top1")
+    assert len(rows) == 7 and rows[0].startswith("run,model,role,resolution,top1")
+    assert "| kd+fixres | 32 |" in table and "FixRes: val top-1 before -> after" in table
     assert (study.dir / "accuracy_vs_latency.png").stat().st_size > 1000
     assert "Label-smoothing / KD policy decisions" in table and "T=1" in table
 
@@ -148,3 +159,45 @@ def test_compare_writes_the_table_and_tensorboard(study):
     hp = EventAccumulator(str(study.dir / "tb" / "compare" / "study-kd")).Reload()
     assert hp.Scalars("compare/top1")[0].value == pytest.approx(study.metrics("kd")["top1"])
     assert "_hparams_/session_start_info" in hp.PluginTagToContent("hparams")
+
+
+def test_fixres_trains_only_the_head_and_the_last_normalisation(study):
+    from safetensors.torch import load_file
+    m = json.loads((study.dir / "students/kd/fixres/metrics.json").read_text())
+    f = m["fixres"]
+    assert m["resolution"] == 32 and m["train_resolution"] == 28 and m["student"] == "kd+fixres"
+    for key in ("before_28px", "before_32px", "after_28px", "after_32px"):
+        assert 0 <= f[key]["top1"] <= 1
+    assert m["top1"] == f["after_32px"]["top1"]
+    # the student's own accuracy at its resolution is the "before" one: the same model, the same images
+    assert f["before_28px"]["top1"] == pytest.approx(study.metrics("kd")["top1"])
+    assert json.loads((study.dir / "students/kd/fixres/model.json").read_text())["preprocess"]["input_size"] == 32
+    assert m["temperature"] == study.metrics("kd")["temperature"]  # the same KD signal, the same LS decision
+
+    before = load_file(study.dir / "students/kd/model.safetensors")
+    after = load_file(study.dir / "students/kd/fixres/model.safetensors")
+    changed = {k for k in before if not torch_equal(before[k], after[k])}
+    # resnet10t: the classifier and the norms of the last block (layer4.0) change; nothing else
+    assert {"fc.weight", "fc.bias", "layer4.0.bn2.running_mean", "layer4.0.bn2.weight"} <= changed
+    assert all(k.startswith(("fc.", "layer4.0.")) and (k.startswith("fc.") or ".bn" in k or "downsample.2" in k)
+               for k in changed), sorted(changed)
+    assert m["renormalised_layers"] == 3 and m["trainable_params"] < 0.01 * m["params"]
+
+
+def torch_equal(a, b):
+    import torch
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def test_fixres_parts_of_timm_students():
+    import timm
+
+    from distill.learn import fixres_parts
+    model = timm.create_model("resnet50", num_classes=10)
+    trained, norms = fixres_parts(model, train_last_block=False, where="students.0")
+    assert model.fc in trained and model.layer4[2].bn3 in norms and model.layer4[1].bn3 not in norms
+    trained, _ = fixres_parts(model, train_last_block=True, where="students.0")
+    assert model.layer4[2].conv2 in trained and model.layer4[1].conv2 not in trained
+    lite0 = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+    trained, norms = fixres_parts(lite0, train_last_block=False, where="students.0")
+    assert lite0.classifier in trained and lite0.bn2 in norms  # the norm before pooling
