@@ -1,17 +1,18 @@
-"""The `distill` console command: run / teach / inspect (later: learn, compare) on one recipe or run."""
+"""The `distill` console command: run / teach / learn / compare / inspect on one recipe or run."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from distill.errors import DistillError, exit_on_error
+from distill.errors import DistillError, exit_on_error, stage
 
 COMMANDS = {
     "run": "every stage of a recipe in order, skipping complete ones: distill run recipe.yaml [overrides] "
            "[--from teach|learn]",
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
              "[--export-only] [--rebuild-targets]",
-    "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME]",
+    "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME] "
+             "[--fixres-only]",
     "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
 }
@@ -80,15 +81,17 @@ def run(argv) -> None:
     if done and args.start != "teach":
         print("teacher complete for this recipe: skipped", flush=True)
         if recipe.targets.export:
-            teach.main([*base, "--export-only"])  # finishes an interrupted export, else a no-op
+            with stage("export"):
+                teach.main([*base, "--export-only"])  # finishes an interrupted export, else a no-op
     else:
-        # a teacher trained now makes any store in targets/ stale: rebuild it
-        teach.main([*base, "--rebuild-targets"])
+        with stage("teach"):  # a teacher trained now makes any store in targets/ stale: rebuild it
+            teach.main([*base, "--rebuild-targets"])
     if recipe.students:
         learn_students(recipe, base, args.start)
     print(f"== compare: {run_dir}", flush=True)
     from distill import compare
-    compare.main([str(run_dir)])
+    with stage("compare"):
+        compare.main([str(run_dir)])
 
 
 def learn_students(recipe, base: list[str], start: str | None) -> None:
@@ -117,10 +120,11 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
         else:
             print(f"student {student.name}{' (+ FixRes)' if student.fixres else ''} complete for this recipe: "
                   "skipped", flush=True)
-    if train:
-        learn.main([*base, *train])
-    if fixres:
-        learn.main([*base, *fixres, "--fixres-only"])
+    with stage("learn"):
+        if train:
+            learn.main([*base, *train])
+        if fixres:
+            learn.main([*base, *fixres, "--fixres-only"])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The one user-facing failure: `DistillError` → a single `error:` line and exit status 2."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
 EXIT_BAD_INPUT = 2
+_stage: str | None = None  # the `distill run` stage under way, named in its error line
 
 
 class DistillError(Exception):
@@ -22,7 +24,19 @@ def exit_on_error(main):
         try:
             return main(*args, **kwargs)
         except DistillError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            where = f" (stage {_stage}; the stages before it are kept)" if _stage else ""
+            print(f"error: {e}{where}", file=sys.stderr, flush=True)
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Name the stage under way, so that a failure in it says which stage failed."""
+    global _stage
+    previous, _stage = _stage, name
+    try:
+        yield
+    finally:
+        _stage = previous

@@ -201,3 +201,18 @@ def test_fixres_parts_of_timm_students():
     lite0 = timm.create_model("tf_efficientnet_lite0", num_classes=10)
     trained, norms = fixres_parts(lite0, train_last_block=False, where="students.0")
     assert lite0.classifier in trained and lite0.bn2 in norms  # the norm before pooling
+
+
+def test_a_failing_stage_is_named_and_the_earlier_stages_kept(study):
+    teacher = (study.dir / "teacher" / "metrics.json").read_text()
+    manifest = (study.dir / "targets" / "manifest.json").read_text()
+    # two students to retrain with different precisions: learn refuses before training anything
+    r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}", "students.kd.mixed_precision=bf16",
+            "students.baseline.epochs=1", check=False)
+    assert r.returncode == 2 and "== learn:" in r.stdout
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "mixed_precision" in error[0], r.stderr[-2000:]
+    assert error[0].endswith("(stage learn; the stages before it are kept)")
+    assert (study.dir / "teacher" / "metrics.json").read_text() == teacher
+    assert (study.dir / "targets" / "manifest.json").read_text() == manifest
+    assert study.metrics("baseline")["epochs"] == 2
