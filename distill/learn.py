@@ -458,8 +458,8 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     for name, values in table.items():
         accelerator.log({f"fixres/{name}/{k}": v for k, v in values.items()}, step=step)
     lo, hi = train_pre.input_size, fx.resolution
-    accelerator.print(f"fixres {cfg.name}: top1 at {hi}px {before[hi]['top1']:.4f} -> {after[hi]['top1']:.4f} "
-                      f"(at {lo}px {before[lo]['top1']:.4f} -> {after[lo]['top1']:.4f})")
+    accelerator.print(f"fixres {cfg.name}: top1 at {hi}px {before[hi]['top1']:.4f} -> {after[hi]['top1']:.4f}"
+                      + (f" (at {lo}px {before[lo]['top1']:.4f} -> {after[lo]['top1']:.4f})" if lo != hi else ""))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_model(unwrapped, test_pre, out_dir, classes, extra={"student": cfg.name, "fixres": True})

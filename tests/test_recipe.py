@@ -104,3 +104,17 @@ def test_resolved_dump_reloads_to_the_same_recipe(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(dump_recipe(r))
     assert load_recipe(path) == r
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    paths = sorted(root.rglob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        load_recipe(path)
+    quick = load_recipe(root / "quickstart.yaml")
+    kinds = {s.name: s for s in quick.students}
+    assert kinds["baseline"].kd.loss == "none" and kinds["kd"].kd.loss != "none"
+    assert kinds["kd"].mix.cutmix_alpha > 0 and kinds["kd"].fixres is not None
+    assert quick.teacher.card == "efficientnet-lite0"  # real weights that work offline
