@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--views", type=int, default=4, help="random views per image in the store (+1 center view)")
     p.add_argument("--temperature", type=float, default=4.0, help="requested KD temperature (the LS policy may lower it)")
     p.add_argument("--ls-policy", default="auto", choices=("auto", "warn", "off"),
-                   help="kd.ls_policy: auto distils a label-smoothed teacher (the card says its pre-training was) at T=1")
+                   help="kd.ls_policy: auto distils a label-smoothed teacher at T=1 (this one is fine-tuned without smoothing)")
     p.add_argument("--kd-weight", type=float, default=0.5, help="loss = (1 - w) CE + w KD")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha for every student (0: off)")
     p.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha for every student (0: off)")
