@@ -35,7 +35,9 @@ from distill.models import build_model, check_model_name, count_params, load_mod
 from distill.recipe import OptimConfig, dump_recipe, load_recipe, to_plain
 from distill.runs import (
     better,
+    finite_or_skip,
     hparams,
+    kept,
     log_hparams,
     make_loader,
     make_optimizer,
@@ -265,7 +267,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
 
     mix_rng = np.random.default_rng([seed, accelerator.process_index])
     start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
-    best, history, mix_kl = None, [], []
+    best, history, mix_kl, bad_steps = None, [], [], []
     for epoch in range(cfg.epochs):
         model.train()
         (train_ds.dataset if isinstance(train_ds, Subset) else train_ds).set_epoch(epoch)
@@ -279,6 +281,10 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                 x = mix_images(x, mix)
                 target = batch_target(batch, mix, teacher, kd, temperature, accelerator, mix_kl)
                 parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
+                if not finite_or_skip(parts["loss"], accelerator, bad_steps, step + 1, cfg.optim.max_bad_steps,
+                                      where, kept(out_dir, best)):
+                    optimizer.zero_grad()
+                    continue
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients and cfg.optim.clip_grad:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)

@@ -84,6 +84,8 @@ class OptimConfig:
     min_lr: float = field(default=1e-6, metadata=_non_negative())
     clip_grad: float | None = field(default=None, metadata=_positive())
     grad_accum: int = field(default=1, metadata=_at_least(1))
+    # steps with a non-finite loss to skip (no update) before the run stops with an error; 0: stop at the first
+    max_bad_steps: int = field(default=0, metadata=_at_least(0))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
+from distill.errors import DistillError
 from distill.recipe import to_plain
 
 LOWER_IS_BETTER = {"nll", "ece"}
@@ -123,3 +124,31 @@ def make_scheduler(optimizer, optim, lr: float, total_updates: int, updates_per_
     # warmup_prefix: the cosine spans the updates after the warm-up, so the warm-up really ends at the peak
     return CosineLRScheduler(optimizer, t_initial=total_updates - warmup, lr_min=optim.min_lr, warmup_t=warmup,
                              warmup_lr_init=min(optim.min_lr, lr), warmup_prefix=True, t_in_epochs=False)
+
+
+def finite_or_skip(loss: torch.Tensor, accelerator, bad_steps: list[int], step: int, max_bad: int,
+                   where: str, saved: str) -> bool:
+    """Whether this step's loss is finite on every process. A non-finite one is skipped (no update, the same
+    decision on every process) up to `max_bad` times; then the run stops with an error naming the step, and
+    the checkpoint saved before (`saved`) is kept as it is."""
+    finite = torch.isfinite(loss.detach()).all().float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, "min")
+    if finite.item() == 1:
+        return True
+    bad_steps.append(step)
+    if len(bad_steps) > max_bad:
+        raise DistillError(f"{where}: the loss is not finite ({loss.item()}) at step {step}"
+                           + (f" ({len(bad_steps)} bad steps: {bad_steps[:10]})" if max_bad else "")
+                           + f"; {saved}. Lower {where}.optim.lr, set {where}.optim.clip_grad, or allow "
+                           f"{where}.optim.max_bad_steps skipped steps")
+    accelerator.print(f"warning: {where}: non-finite loss at step {step}: skipped "
+                      f"({len(bad_steps)} of {max_bad} allowed)")
+    return False
+
+
+def kept(out_dir: Path, best: dict | None) -> str:
+    """What a failed run leaves behind, for its error message."""
+    if best is None:
+        return "nothing was saved yet"
+    return f"the checkpoint of epoch {best['epoch']} (val top1 {best['top1']:.4f}) in {out_dir} is kept"

@@ -31,7 +31,9 @@ from distill.models import build_model, count_params, load_model, param_groups, 
 from distill.recipe import dump_recipe, load_recipe
 from distill.runs import (
     better,
+    finite_or_skip,
     hparams,
+    kept,
     log_hparams,
     make_loader,
     make_optimizer,
@@ -116,7 +118,7 @@ def main(argv=None):
 
     mix_rng = np.random.default_rng([recipe.seed, accelerator.process_index])
     start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
-    best, history = None, []
+    best, history, bad_steps = None, [], []
     for epoch in range(cfg.epochs):
         model.train()
         epoch_start = time.perf_counter()
@@ -127,6 +129,10 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
                 parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix)
+                if not finite_or_skip(parts["loss"], accelerator, bad_steps, step + 1, cfg.optim.max_bad_steps,
+                                      "teacher", kept(out_dir, best)):
+                    optimizer.zero_grad()
+                    continue
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients and cfg.optim.clip_grad:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)

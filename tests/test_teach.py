@@ -222,3 +222,40 @@ def test_recipes_in_the_repo_are_valid():
         header = path.read_text().splitlines()[0]
         assert header.startswith("#"), f"{path.name}: start with a comment giving the commands"
         yaml.safe_load(path.read_text())
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    overrides = [f"output_dir={tmp_path}", NO_EXPORT, "data.subset=300", "teacher.epochs=2", "name=t"]
+    good = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides])
+    assert good.returncode == 0, good.stderr[-2000:]
+    teacher = tmp_path / "t" / "teacher"
+    saved = {f: (teacher / f).read_bytes() for f in ("model.safetensors", "model.json", "metrics.json")}
+    # the same run again with an absurd lr: the weights blow up within a few steps
+    r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides, "teacher.optim.lr=1e12",
+             "teacher.optim.warmup_epochs=0"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "teacher: the loss is not finite" in errors[0] and "at step" in errors[0]
+    assert {f: (teacher / f).read_bytes() for f in saved} == saved  # the good checkpoint is untouched
+    # allowed bad steps are skipped with a warning instead (and the run then ends normally)
+    r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides, "name=skip", "teacher.optim.lr=1e12",
+             "teacher.optim.warmup_epochs=0", "teacher.optim.max_bad_steps=100000"])
+    assert r.returncode == 0 and "non-finite loss at step" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_finite_or_skip_decides_the_same_on_every_step():
+    from distill.errors import DistillError
+    from distill.runs import finite_or_skip
+
+    class One:  # a single-process accelerator
+        num_processes = 1
+
+        def print(self, *a):
+            pass
+
+    bad = []
+    assert finite_or_skip(torch.tensor(1.5), One(), bad, 1, 2, "teacher", "nothing was saved yet")
+    assert not finite_or_skip(torch.tensor(float("nan")), One(), bad, 2, 2, "teacher", "x")
+    assert not finite_or_skip(torch.tensor(float("inf")), One(), bad, 3, 2, "teacher", "x")
+    with pytest.raises(DistillError, match=r"at step 4 \(3 bad steps: \[2, 3, 4\]\); kept here"):
+        finite_or_skip(torch.tensor(float("nan")), One(), bad, 4, 2, "teacher", "kept here")
