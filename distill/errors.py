@@ -24,7 +24,9 @@ def exit_on_error(main):
         try:
             return main(*args, **kwargs)
         except DistillError as e:
-            where = f" (stage {_stage}; the stages before it are kept)" if _stage else ""
+            where = ""
+            if _stage:
+                where = f" (stage {_stage}" + ("" if _stage == "teach" else "; the stages before it are kept") + ")"
             print(f"error: {e}{where}", file=sys.stderr, flush=True)
             sys.exit(EXIT_BAD_INPUT)
 

@@ -29,8 +29,11 @@ def _non_negative():
     return {"check": ("a number >= 0", lambda v: v >= 0)}
 
 
-def _at_least(n):
-    return {"check": (f"an integer >= {n}", lambda v: v >= n)}
+def _at_least(n, most=None):
+    if most is None:
+        return {"check": (f"an integer >= {n}", lambda v: v >= n)}
+    # an upper bound where a larger value is a typo that would only fail later (out of memory, hours of work)
+    return {"check": (f"an integer in [{n}, {most}]", lambda v: n <= v <= most)}
 
 
 def _unit(open_right=False):
@@ -66,7 +69,7 @@ class DataConfig:
     unlabeled_subset: int | None = field(default=None, metadata=_at_least(1))
     path_column: str = "path"
     label_column: str = "label"
-    num_workers: int = field(default=0, metadata=_at_least(0))
+    num_workers: int = field(default=0, metadata=_at_least(0, 256))
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class OptimConfig:
     warmup_epochs: float = field(default=0.0, metadata=_non_negative())
     min_lr: float = field(default=1e-6, metadata=_non_negative())
     clip_grad: float | None = field(default=None, metadata=_positive())
-    grad_accum: int = field(default=1, metadata=_at_least(1))
+    grad_accum: int = field(default=1, metadata=_at_least(1, 4096))
     # steps with a non-finite loss to skip (no update) before the run stops with an error; 0: stop at the first
     max_bad_steps: int = field(default=0, metadata=_at_least(0))
 
@@ -112,7 +115,7 @@ class TeacherConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # preprocessing; null = from the model's own config
-    input_size: int | None = field(default=None, metadata=_at_least(8))
+    input_size: int | None = field(default=None, metadata=_at_least(8, 4096))
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic", "area"] | None = None
@@ -120,9 +123,9 @@ class TeacherConfig:
     # label smoothing used when the weights were pre-trained (from the card); null = unknown
     pretrain_label_smoothing: float | None = field(default=None, metadata=_unit(open_right=True))
     # training
-    epochs: int = field(default=10, metadata=_at_least(1))
-    batch_size: int = field(default=64, metadata=_at_least(1))
-    eval_batch_size: int | None = field(default=None, metadata=_at_least(1))
+    epochs: int = field(default=10, metadata=_at_least(1, 100_000))
+    batch_size: int = field(default=64, metadata=_at_least(1, 65_536))
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1, 65_536))
     label_smoothing: float = field(default=0.0, metadata=_unit(open_right=True))
     # null: accelerate's config / ACCELERATE_MIXED_PRECISION decides
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
@@ -138,7 +141,7 @@ class TargetsConfig:
     """The soft-target store teach.py exports: V augmented views + 1 center view per training image."""
 
     export: bool = True  # export after fine-tuning (teach.py --export-only exports a saved teacher)
-    views: int = field(default=4, metadata=_at_least(1))
+    views: int = field(default=4, metadata=_at_least(1, 1024))
     # the student's random-resized-crop and flip, drawn once per (sample, view) and stored
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -150,7 +153,7 @@ class TargetsConfig:
     topk: int = field(default=20, metadata=_at_least(1))
     full_max_classes: int = field(default=100, metadata=_at_least(2))
     shard_size: int = field(default=4096, metadata=_at_least(1))  # samples per shard
-    batch_size: int = field(default=64, metadata=_at_least(1))  # samples per teacher batch (x (views + 1))
+    batch_size: int = field(default=64, metadata=_at_least(1, 65_536))  # samples per teacher batch (x (views + 1))
     seed: int | None = None  # null: the recipe's seed
 
 
@@ -176,11 +179,11 @@ class KDConfig:
 class FixResConfig:
     """FixRes (Touvron et al. 2019): after training, fine-tune at the test resolution with the test transform."""
 
-    resolution: int = field(metadata=_at_least(8))  # the test resolution: the student is evaluated and saved at it
-    epochs: int = field(default=2, metadata=_at_least(1))
+    resolution: int = field(metadata=_at_least(8, 4096))  # the test resolution: the student is evaluated and saved at it
+    epochs: int = field(default=2, metadata=_at_least(1, 100_000))
     lr: float = field(default=1e-3, metadata=_positive())  # SGD with momentum, cosine to 0 over the epochs
     weight_decay: float = field(default=0.0, metadata=_non_negative())
-    batch_size: int | None = field(default=None, metadata=_at_least(1))  # null: the student's
+    batch_size: int | None = field(default=None, metadata=_at_least(1, 65_536))  # null: the student's
     crop_pct: float | None = field(default=None, metadata=_half_open_unit())  # null: the student's test crop
     # false: only the classifier and the last block's normalisation (statistics re-estimated) train
     train_last_block: bool = False
@@ -193,15 +196,15 @@ class StudentConfig:
     pretrained: bool | str = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict)
-    resolution: int | None = field(default=None, metadata=_at_least(8))  # training input size
+    resolution: int | None = field(default=None, metadata=_at_least(8, 4096))  # training input size
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic", "area"] | None = None
     crop_pct: float | None = field(default=None, metadata=_half_open_unit())
     seed: int | None = None  # null: the recipe's seed
-    epochs: int = field(default=10, metadata=_at_least(1))
-    batch_size: int = field(default=128, metadata=_at_least(1))
-    eval_batch_size: int | None = field(default=None, metadata=_at_least(1))
+    epochs: int = field(default=10, metadata=_at_least(1, 100_000))
+    batch_size: int = field(default=128, metadata=_at_least(1, 65_536))
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1, 65_536))
     label_smoothing: float = field(default=0.0, metadata=_unit(open_right=True))  # the CE term only
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     eval_every: int = field(default=1, metadata=_at_least(1))
@@ -265,6 +268,9 @@ def recipe_from_dict(raw: dict) -> Recipe:
         raw["students"] = [{**s, "kd": {"loss": s["kd"]}} if isinstance(s, dict) and isinstance(s.get("kd"), str)
                            else s for s in raw["students"]]
     if isinstance(raw.get("teacher"), dict) and raw["teacher"].get("card"):
+        if not isinstance(raw["teacher"]["card"], str):
+            raise DistillError(f"teacher.card: expected a card name or a path to a card .yaml, "
+                               f"got {raw['teacher']['card']!r}")
         raw["teacher"] = merge_card(raw["teacher"])
     recipe = _build(Recipe, raw, "")
     _check_recipe(recipe)
