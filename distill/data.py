@@ -82,6 +82,7 @@ class Split:
             raise ValueError("Split needs exactly one of images or paths")
         self.classes = list(classes)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.skipped: list[tuple[str, str]] = []  # (path, why) of unreadable files left out (on_bad_image: skip)
         self.images = images
         self.paths = None if paths is None else [str(p) for p in paths]
         self.name = name
@@ -210,7 +211,34 @@ def load_splits(cfg: DataConfig) -> tuple[Split, Split]:
     if cfg.subset is not None:
         train = train.subset(stratified_indices(train.labels, cfg.subset, cfg.split_seed))
         val = val.subset(stratified_indices(val.labels, cfg.subset, cfg.split_seed))
-    return train, val
+    return check_images(train, cfg, "data.root"), check_images(val, cfg, "data.val_root")
+
+
+def check_images(split: Split, cfg: DataConfig, key: str) -> Split:
+    """The split without its unreadable files (data.on_bad_image: skip; they go to `split.skipped`).
+
+    With `error` nothing is decoded here: a bad file stops the run with its name when it is read.
+    With `skip` every file is decoded once (the only way to find truncated images), before any training,
+    so every process and every stage drops the same rows.
+    """
+    if split.paths is None or cfg.on_bad_image == "error":
+        return split
+    bad = []
+    for i, path in enumerate(split.paths):
+        try:
+            read_image(path)
+        except DistillError as e:
+            bad.append((i, path, str(e)))
+    if not bad:
+        return split
+    keep = np.setdiff1d(np.arange(len(split)), [i for i, _, _ in bad])
+    if len(keep) == 0:
+        raise DistillError(f"{key}: none of the {len(split)} images can be read (first: {bad[0][2]})")
+    kept = split.subset(keep)
+    kept.skipped = split.skipped + [(path, why) for _, path, why in bad]
+    _logger.warning("%s: skipped %d unreadable image(s) of %d (data.on_bad_image: skip), e.g. %s",
+                    key, len(bad), len(split), bad[0][1])
+    return kept
 
 
 def _load_fashion_mnist(cfg: DataConfig) -> tuple[Split, Split]:
@@ -493,8 +521,8 @@ def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
         raise DistillError(f"data.unlabeled: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; "
                            "add images or point it at another folder")
     keep = _unlabeled_rows(len(paths), cfg)
-    return Split(train.classes, np.full(len(keep), UNLABELED), paths=[paths[i] for i in keep],
-                 name=str(folder), ids=keep)
+    return check_images(Split(train.classes, np.full(len(keep), UNLABELED), paths=[paths[i] for i in keep],
+                              name=str(folder), ids=keep), cfg, "data.unlabeled")
 
 
 def _unlabeled_rest(cfg: DataConfig, train: Split, val: Split) -> Split:

@@ -24,10 +24,13 @@ def exit_on_error(main):
         try:
             return main(*args, **kwargs)
         except DistillError as e:
+            message = str(e)
+            if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
+                message = message.rstrip().splitlines()[-1].split("DistillError: ", 1)[-1]
             where = ""
             if _stage:
                 where = f" (stage {_stage}" + ("" if _stage == "teach" else "; the stages before it are kept") + ")"
-            print(f"error: {e}{where}", file=sys.stderr, flush=True)
+            print(f"error: {message}{where}", file=sys.stderr, flush=True)
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper

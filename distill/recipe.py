@@ -70,6 +70,9 @@ class DataConfig:
     path_column: str = "path"
     label_column: str = "label"
     num_workers: int = field(default=0, metadata=_at_least(0, 256))
+    # a file PIL cannot read: error (named in the error line, when it is read) or skip (every image is
+    # decoded once up front; the skipped ones are listed in the run directory's skipped_images.txt)
+    on_bad_image: Literal["error", "skip"] = "error"
 
 
 @dataclass(frozen=True)

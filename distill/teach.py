@@ -89,8 +89,8 @@ def main(argv=None):
 
     # Build everything that can fail on bad input before anything is written.
     train_split, val_split = load_splits(recipe.data)
-    if recipe.targets.export:
-        load_unlabeled(recipe.data, train_split, val_split)  # its errors now, not after the fine-tune
+    unlabeled = load_unlabeled(recipe.data, train_split, val_split) if recipe.targets.export else None
+    skipped = [*train_split.skipped, *val_split.skipped, *(unlabeled.skipped if unlabeled else [])]
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
     train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train",
@@ -111,6 +111,10 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         write_text(run_dir / "config.yaml", dump_recipe(recipe))
+        if skipped:
+            write_text(run_dir / "skipped_images.txt", "".join(f"{path}\t{why}\n" for path, why in skipped))
+            accelerator.print(f"warning: data.on_bad_image: skip: {len(skipped)} unreadable image(s) left out, "
+                              f"listed in {run_dir / 'skipped_images.txt'}")
     start_tracking(accelerator, "teacher")
     accelerator.print(f"teacher {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
                       f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
