@@ -204,13 +204,31 @@ def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
     found = _store_fingerprint(out)
     if found == fp:
         manifest = _read_manifest(out) if (out / MANIFEST).is_file() else {}
-        return "done" if manifest.get("complete") else "resume"
+        if not manifest.get("complete"):
+            return "resume"
+        damaged = damaged_shards(out, manifest)
+        if not damaged:
+            return "done"
+        # a shard truncated or altered since: the store is incomplete again, and those shards are exported anew
+        for name in damaged:
+            for path in (out / name, (out / name).with_suffix(".json")):
+                path.unlink(missing_ok=True)
+        write_json(out / MANIFEST, {**manifest, "complete": False})
+        print(f"targets: {', '.join(damaged)} damaged (sha256 differs from the manifest): exporting again",
+              flush=True)
+        return "resume"
     if rebuild:
         shutil.rmtree(out)
         return "fresh"
     differs = _what_differs(out, what)
     raise DistillError(f"targets: {out} holds a store for {differs}; pass --rebuild-targets to replace it "
                        "(or point output_dir elsewhere)")
+
+
+def damaged_shards(out: Path, manifest: dict) -> list[str]:
+    """The shard files of a manifest that are missing or whose sha256 is not the recorded one."""
+    return [sh["file"] for sh in manifest["shards"]
+            if not (out / sh["file"]).is_file() or sha256_file(out / sh["file"]) != sh["sha256"]]
 
 
 def _store_fingerprint(out: Path) -> str | None:
@@ -430,6 +448,14 @@ class TargetStore:
         self.rows_per_sample, self.shard_size = m["rows_per_sample"], m["shard_size"]
         self.storage = m["logits"]["storage"]
         self._shards = [None] * len(m["shards"])
+
+    def verify(self) -> None:
+        """Check every shard against the sha256 in the manifest (a full read: about 1 s per GB)."""
+        damaged = damaged_shards(self.path, self.manifest)
+        if damaged:
+            raise DistillError(f"targets: {self.path / damaged[0]} is damaged or missing (its sha256 differs from "
+                               f"the manifest){f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}; "
+                               "teach.py --export-only (or distill run) exports the damaged shards again")
 
     def __len__(self) -> int:
         return self.num_samples

@@ -225,6 +225,33 @@ def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
     assert "complete and matches the teacher; nothing to export" in r.stdout
 
 
+def test_a_truncated_or_altered_shard_is_caught_and_exported_again(tmp_path, run_dir):
+    shutil.copytree(run_dir, tmp_path / "tiny-vit")
+    store_dir = tmp_path / "tiny-vit" / "targets"
+    intact = all_rows(targets.TargetStore(store_dir))
+    targets.TargetStore(store_dir).verify()
+    shard1, shard4 = store_dir / "shard-00001.safetensors", store_dir / "shard-00004.safetensors"
+    shard1.write_bytes(shard1.read_bytes()[:-100])  # truncated
+    data = bytearray(shard4.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the logits: the file still parses
+    shard4.write_bytes(bytes(data))
+    with pytest.raises(targets.DistillError, match=r"shard-00001.safetensors is damaged .* and 1 more"):
+        targets.TargetStore(store_dir).verify()
+    # learn refuses the store rather than train on it
+    r = run("distill", "learn", RECIPE, f"output_dir={tmp_path}", *BASE, "students=[{name: s, model: 'timm:resnet10t', "
+            "resolution: 28, epochs: 1}]", check=False)
+    assert r.returncode == 2 and "error: targets:" in r.stderr and "damaged" in r.stderr, r.stderr[-2000:]
+    # --export-only exports exactly the damaged shards again
+    r = teach(tmp_path, "--export-only")
+    assert "shard-00001.safetensors, shard-00004.safetensors damaged" in r.stdout, r.stdout[-2000:]
+    store = targets.TargetStore(store_dir)
+    store.verify()
+    assert store.manifest["export"]["rows_exported_now"] == 2 * 64 * 4
+    again = all_rows(store)
+    assert np.array_equal(again["params"], intact["params"])
+    assert np.allclose(again["logits"], intact["logits"], rtol=2**-10, atol=1e-6)
+
+
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_export(tmp_path, run_dir):
     extra = ["data.unlabeled=rest", "data.unlabeled_subset=6000", "targets.shard_size=500"]
     for name in ("killed", "whole"):
