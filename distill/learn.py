@@ -69,7 +69,7 @@ def ls_policy(kd, teacher: dict, diagnostics: dict) -> tuple[float, dict]:
     counts as such if its fine-tune used smoothing, its card says its pre-training did and its targets come
     from that pre-trained head (no fine-tune), or the store's diagnostic sees the signature. A fine-tune trains
     the head again on this data, so then the card's pre-training smoothing is only noted: measured on
-    Fashion-MNIST with the lite0 card (README, students benchmark) T = 4 beat T = 1 after a fine-tune without
+    Fashion-MNIST with the lite0 card (README), T = 4 was no worse than T = 1 after a fine-tune without
     smoothing, and the diagnostic still catches a fine-tuned teacher that kept the signature.
     Then `auto` distils at T = 1, `warn` keeps T and warns, `off` keeps T.
     The KD target itself is never smoothed: smoothing only ever touches the label term.
