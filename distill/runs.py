@@ -131,10 +131,10 @@ def finite_or_skip(loss: torch.Tensor, accelerator, bad_steps: list[int], step: 
     """Whether this step's loss is finite on every process. A non-finite one is skipped (no update, the same
     decision on every process) up to `max_bad` times; then the run stops with an error naming the step, and
     the checkpoint saved before (`saved`) is kept as it is."""
-    finite = torch.isfinite(loss.detach()).all().float()
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, "min")
-    if finite.item() == 1:
+        finite = accelerator.gather(finite)  # one flag per process (reduce knows only sum and mean)
+    if bool(finite.min() == 1):
         return True
     bad_steps.append(step)
     if len(bad_steps) > max_bad:
