@@ -27,8 +27,9 @@ from distill.errors import DistillError, exit_on_error
 from distill.models import load_model
 from distill.runs import write_text
 
-COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1", "images_per_sec_b64",
-           "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix", "ls_decision")
+COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1",
+           "images_per_sec_b64", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
+           "ls_decision")
 
 
 def parse_args(argv=None):
