@@ -361,7 +361,9 @@ def _write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, 
         tensors["lse"] = logits.logsumexp(-1).float().contiguous()
     name = _shard_name(s)
     tmp = out / f".{name}.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"fingerprint": fp, "first_sample": str(first), "last_sample": str(last)})
+    # one metadata key: safetensors writes several in hash order, and then equal shards would differ in bytes
+    about = json.dumps({"fingerprint": fp, "first_sample": first, "last_sample": last}, sort_keys=True)
+    save_file(tensors, str(tmp), metadata={"distill": about})
     os.replace(tmp, out / f"{name}.safetensors")
     # the sidecar is the shard's "complete" mark: written after the data, also through a rename
     write_json(out / f"{name}.json", {"shard": s, "first_sample": first, "num_samples": last - first,
