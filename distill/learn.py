@@ -395,8 +395,9 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     out_dir = student_dir / "fixres"
     start = time.perf_counter()
     model, train_pre, _ = load_model(student_dir)  # its selected checkpoint (the EMA weights with `ema`)
+    student = json.loads((student_dir / "metrics.json").read_text())
     test_pre = dataclasses.replace(train_pre, input_size=fx.resolution, crop_pct=fx.crop_pct or train_pre.crop_pct)
-    temperature, _ = ls_policy(kd, store.manifest["teacher"], store.manifest.get("diagnostics", {}))
+    temperature = student["temperature"]  # the student's own, as the LS policy decided it
     teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
     train_ds = ReplayDataset(store, samples, test_pre, view="center", seed=seed, teacher_pre=teacher_pre)
     if kd.loss == "none" or not kd.use_unlabeled:
@@ -470,7 +471,6 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_model(unwrapped, test_pre, out_dir, classes, extra={"student": cfg.name, "fixres": True})
-        student = json.loads((student_dir / "metrics.json").read_text())
         inherited = {k: student.get(k) for k in ("model", "kd_loss", "kd_targets", "temperature", "kd_weight",
                                                   "kd_standardize", "label_smoothing", "mix", "ema", "seed",
                                                   "ls_policy", "ls_decision", "ls_reason", "ls_evidence")}
