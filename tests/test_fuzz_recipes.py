@@ -1,6 +1,7 @@
 """Hundreds of mutated recipes: each is either valid or ends in one `error:` line and exit 2, never a traceback,
 never a half-written run directory."""
 import copy
+import functools
 import random
 from pathlib import Path
 
@@ -103,9 +104,9 @@ def test_hundreds_of_mutated_recipes_are_valid_or_one_named_error():
     assert errors > 0.8 * len(cases)  # most mutations are wrong; the rest (e.g. seed=-1) are fine recipes
 
 
-@pytest.mark.parametrize("case", range(24))
-def test_mutated_recipes_through_distill_run(case, tmp_path, capsys):
-    """A sample of the invalid mutations and missing files, end to end through `distill run`."""
+@functools.cache
+def cli_cases() -> list:
+    """The invalid mutations and missing files that go through the CLI, built once for every case."""
     invalid = []
     for what, raw in mutations(seed=1):
         try:
@@ -119,9 +120,14 @@ def test_mutated_recipes_through_distill_run(case, tmp_path, capsys):
             raw["data"]["source"] = "imagefolder"
             raw["data"]["root"] = raw["data"]["root"] if key != "root" else path
         invalid.append((f"{section}.{key}={path}", raw))
-    cases = invalid[:19] + invalid[-5:]  # mutations, then every missing file
-    what, raw = cases[case]
-    raw = {**raw, "output_dir": str(tmp_path / "runs")} if isinstance(raw, dict) else raw
+    return invalid[:19] + invalid[-5:]  # mutations, then every missing file
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_mutated_recipes_through_distill_run(case, tmp_path, capsys):
+    """A sample of the invalid mutations and missing files, end to end through `distill run`."""
+    what, raw = cli_cases()[case]
+    raw = {**raw, "output_dir": str(tmp_path / "runs")}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit) as exit_:
