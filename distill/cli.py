@@ -7,12 +7,12 @@ import sys
 from distill.errors import DistillError, exit_on_error, stage
 
 COMMANDS = {
-    "run": "every stage of a recipe in order, skipping complete ones: distill run recipe.yaml [overrides] "
-           "[--from teach|learn]",
+    "run": "every stage of a recipe in order, skipping complete ones and resuming interrupted ones: "
+           "distill run recipe.yaml [overrides] [--from teach|learn]",
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
-             "[--export-only] [--rebuild-targets]",
+             "[--resume] [--export-only] [--rebuild-targets]",
     "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME] "
-             "[--fixres-only]",
+             "[--resume] [--fixres-only]",
     "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
 }
@@ -85,7 +85,8 @@ def run(argv) -> None:
                 teach.main([*base, "--export-only"])  # finishes an interrupted export, else a no-op
     else:
         with stage("teach"):  # a teacher trained now makes any store in targets/ stale: rebuild it
-            teach.main([*base, "--rebuild-targets"])
+            # an interrupted fine-tune of this recipe continues from its saved state (not with --from teach)
+            teach.main([*base, "--rebuild-targets", *(() if args.start == "teach" else ("--resume",))])
     if recipe.students:
         learn_students(recipe, base, args.start)
     print(f"== compare: {run_dir}", flush=True)
@@ -121,8 +122,8 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
             print(f"student {student.name}{' (+ FixRes)' if student.fixres else ''} complete for this recipe: "
                   "skipped", flush=True)
     with stage("learn"):
-        if train:
-            learn.main([*base, *train])
+        if train:  # an interrupted student continues from its saved state (not with --from)
+            learn.main([*base, *train, *(() if start else ("--resume",))])
         if fixres:
             learn.main([*base, *fixres, "--fixres-only"])
 

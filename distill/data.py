@@ -9,6 +9,7 @@ import gzip
 import inspect
 import logging
 import os
+import random
 import socket
 import struct
 import threading
@@ -581,8 +582,20 @@ class Transform:
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.compose(image=to_rgb(image))["image"]
 
-    def set_seed(self, seed: int | None) -> None:
-        self.compose.set_random_seed(seed)
+    def set_seed(self, seed: int | Sequence[int]) -> None:
+        """Draw every random decision of the pipeline from one generator seeded by `seed`.
+
+        Not albumentations' `set_random_seed`: it gives every transform its own generator with the *same* seed,
+        so their decisions are correlated (a flip with p=0.5 after a crop follows the crop's first draw; two
+        flips always agree). One shared stream keeps them independent.
+        """
+        generator = np.random.default_rng(seed)
+        py_random = random.Random(int(generator.integers(2**63)))
+        stack = [self.compose]
+        while stack:
+            node = stack.pop()
+            node.random_generator, node.py_random = generator, py_random
+            stack.extend(getattr(node, "transforms", ()))
 
     def __repr__(self) -> str:
         return f"Transform({self.compose!r})"
@@ -612,7 +625,10 @@ def build_transform(
         for i, spec in enumerate(DEFAULT_AUGMENT[stage] if specs is None else specs)
     ]
     transforms += [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
-    return Transform(A.Compose(transforms, seed=seed))
+    transform = Transform(A.Compose(transforms))
+    if seed is not None:
+        transform.set_seed(seed)
+    return transform
 
 
 def _build_one(spec: Any, key: str, sizes: dict[str, int], interpolation: int) -> A.BasicTransform:
@@ -672,21 +688,26 @@ def _param_error(e: Exception, key: str, name: str) -> str:
 
 # --- the torch dataset --------------------------------------------------------
 class ImageDataset(torch.utils.data.Dataset):
-    """(transformed image, label) pairs of a split; picklable for DataLoader workers."""
+    """(transformed image, label) pairs of a split; picklable for DataLoader workers.
 
-    def __init__(self, split: Split, transform: Callable[[np.ndarray], torch.Tensor]):
+    With a `seed` (training), image i's random augmentation in epoch e is drawn from (seed, e, i) alone: the
+    same whichever process or DataLoader worker loads it, so results do not depend on `num_workers` or on the
+    number of processes, and a resumed run sees exactly the images the interrupted one would have.
+    """
+
+    def __init__(self, split: Split, transform: Callable[[np.ndarray], torch.Tensor], seed: int | None = None):
         self.split = split
         self.transform = transform
-        self._worker_seed = None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        info = torch.utils.data.get_worker_info()
-        if info is not None and self._worker_seed != info.seed and hasattr(self.transform, "set_seed"):
-            # forked workers inherit one albumentations generator state and would draw the same
-            # augmentations; torch gives each worker (and each epoch) its own seed
-            self.transform.set_seed(info.seed)
-            self._worker_seed = info.seed
+        if self.seed is not None:
+            self.transform.set_seed([self.seed, self.epoch, i])
         return self.transform(self.split.load(i)), int(self.split.labels[i])

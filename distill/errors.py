@@ -12,9 +12,22 @@ _stage: str | None = None  # the `distill run` stage under way, named in its err
 class DistillError(Exception):
     """Bad input the user can fix: the message names the key or file and what to do."""
 
+    kind, exit_code = "error", EXIT_BAD_INPUT
+
+
+class Interrupted(DistillError):
+    """Stopped by a signal after saving what is needed to resume; exits 128 + the signal number."""
+
+    kind = "interrupted"
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def exit_on_error(main):
-    """Wrap an entry point so a `DistillError` prints one `error:` line and exits 2.
+    """Wrap an entry point so a `DistillError` prints one `error:` line and exits 2 (`Interrupted`: one
+    `interrupted:` line, exit 128 + the signal).
 
     Anything else is a bug in distill and keeps its traceback.
     """
@@ -30,8 +43,8 @@ def exit_on_error(main):
             where = ""
             if _stage:
                 where = f" (stage {_stage}" + ("" if _stage == "teach" else "; the stages before it are kept") + ")"
-            print(f"error: {message}{where}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_BAD_INPUT)
+            print(f"{e.kind}: {message}{where}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
 
     return wrapper
 

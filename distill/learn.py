@@ -1,6 +1,6 @@
 """Entry: train each student of a recipe on the teacher's soft targets (cached or online), keep its best checkpoint.
 
-    accelerate launch distill/learn.py recipe.yaml [--student NAME] [key.path=value ...]
+    accelerate launch distill/learn.py recipe.yaml [--student NAME] [--resume] [key.path=value ...]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from distill import losses
+from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
 from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
@@ -34,6 +35,7 @@ from distill.mix import mix_images, mix_targets, rescale, sample_mix
 from distill.models import build_model, check_model_name, count_params, load_model, param_groups, save_model
 from distill.recipe import OptimConfig, dump_recipe, load_recipe, to_plain
 from distill.runs import (
+    batch_rng,
     better,
     finite_or_skip,
     hparams,
@@ -55,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. students.small.epochs=3")
     p.add_argument("--student", action="append", help="train only this student (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted student from its saved state (students/<name>/resume/), if any")
     p.add_argument("--fixres-only", action="store_true",
                    help="run only the FixRes stage of students already trained (those with `fixres:`)")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
@@ -211,7 +215,7 @@ def main(argv=None):
     for student in students:
         index = recipe.students.index(student)
         if not args.fixres_only:
-            train_student(recipe, student, index, store, samples, val_split, classes, accelerator)
+            train_student(recipe, student, index, store, samples, val_split, classes, accelerator, args.resume)
         if student.fixres is not None:
             fixres_student(recipe, student, index, store, samples, val_split, classes, accelerator)
     accelerator.end_training()
@@ -226,7 +230,7 @@ def online_teacher(recipe, kd, accelerator):
     return teacher.eval().requires_grad_(False).to(accelerator.device), teacher_pre
 
 
-def train_student(recipe, cfg, index, store, samples, val_split, classes, accelerator):
+def train_student(recipe, cfg, index, store, samples, val_split, classes, accelerator, resume=False):
     num_classes, where = len(classes), f"students.{index}"
     seed = recipe.seed if cfg.seed is None else cfg.seed
     set_seed(seed)
@@ -244,6 +248,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     val_ds = ImageDataset(val_split, build_transform(None, "eval", pre, where=f"{where}.eval"))
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
                                seed=seed)
+    sampler = train_loader.sampler
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
 
@@ -266,61 +271,81 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                       f"({kd.targets}, T={temperature:g}, w={kd.weight:g}), LS policy: {decision['ls_decision']} "
                       f"({decision['ls_reason']})")
 
-    mix_rng = np.random.default_rng([seed, accelerator.process_index])
-    start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
-    best, history, mix_kl, bad_steps = None, [], [], []
-    for epoch in range(cfg.epochs):
-        model.train()
-        (train_ds.dataset if isinstance(train_ds, Subset) else train_ds).set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
-        for batch in bar:
-            x, y = batch[:2]
-            with accelerator.accumulate(model):
-                mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
-                x = mix_images(x, mix)
-                target = batch_target(batch, mix, teacher, kd, temperature, accelerator, mix_kl)
-                parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
-                if not finite_or_skip(parts["loss"], accelerator, bad_steps, step + 1, cfg.optim.max_bad_steps,
-                                      where, kept(out_dir, best)):
+    checkpoints = Checkpoints(accelerator, out_dir, student_fingerprint(recipe, cfg, store.manifest["fingerprint"]),
+                              recipe.checkpoint.every_steps, where)
+    prog = checkpoints.load(ema) if resume else None
+    if prog is None:
+        checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
+        prog = Progress()
+    replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
+    with StopSignal() as stop:
+        for epoch in range(prog.epoch, cfg.epochs):
+            model.train()
+            skip = prog.batch if epoch == prog.epoch else 0
+            batches = epoch_batches(accelerator, train_loader, sampler, replay, epoch, skip)
+            epoch_start, epoch_images = time.perf_counter(), 0
+            bar = tqdm(batches, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", leave=False, initial=skip,
+                       total=len(train_loader),
+                       disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
+            for i, batch in enumerate(bar, start=skip):
+                x, y = batch[:2]
+                with accelerator.accumulate(model):
+                    mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
+                    x = mix_images(x, mix)
+                    target = batch_target(batch, mix, teacher, kd, temperature, accelerator, prog.mix_kl)
+                    parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
+                    if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
+                                          cfg.optim.max_bad_steps, where, kept(out_dir, prog.best)):
+                        optimizer.zero_grad()
+                        continue
+                    accelerator.backward(parts["loss"])
+                    if accelerator.sync_gradients and cfg.optim.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    optimizer.step()
                     optimizer.zero_grad()
+                epoch_images += len(y) * accelerator.num_processes
+                if not accelerator.sync_gradients:
                     continue
-                accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients and cfg.optim.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad()
-            train_images += len(y) * accelerator.num_processes
-            if accelerator.sync_gradients:
-                step += 1
-                scheduler.step_update(step)
+                prog.step += 1
+                scheduler.step_update(prog.step)
                 if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=step)
-                if step % recipe.log.every_steps == 0 or step == total_updates:
+                    ema.update(accelerator.unwrap_model(model), step=prog.step)
+                if prog.step % recipe.log.every_steps == 0 or prog.step == total_updates:
                     logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
                     logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)
-                    if mix_kl:
-                        logged["train/mix_approx_kl"] = mix_kl[-1]
-                    accelerator.log(logged, step=step)
+                    if prog.mix_kl:
+                        logged["train/mix_approx_kl"] = prog.mix_kl[-1]
+                    accelerator.log(logged, step=prog.step)
                     bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
-        train_seconds += time.perf_counter() - epoch_start
+                signum = stop.requested(accelerator)
+                if signum or checkpoints.due(prog.step):
+                    prog.epoch, prog.batch = epoch, i + 1
+                    path = checkpoints.save(prog, ema)
+                    if signum:
+                        raise stop.stop(where, prog.step, epoch, path)
+            prog.train_seconds += time.perf_counter() - epoch_start
+            prog.train_images += epoch_images
+            prog.epoch, prog.batch = epoch + 1, 0
 
-        if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
-            continue
-        evaluated = ema.module if ema is not None else model
-        metrics = evaluate(evaluated, val_loader, accelerator, num_classes)
-        metrics["epoch"] = epoch + 1
-        history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
-        accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")}, step=step)
-        accelerator.print(f"{cfg.name} epoch {epoch + 1}: val top1 {metrics['top1']:.4f} "
-                          f"macro_f1 {metrics['macro_f1']:.4f} ({train_images / train_seconds:.0f} train img/s)")
-        if best is None or better(metrics, best, cfg.select_by):
-            best = metrics
-            if accelerator.is_main_process:
-                save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir, classes,
-                           extra={"student": cfg.name})
-        accelerator.wait_for_everyone()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                evaluated = ema.module if ema is not None else model
+                metrics = evaluate(evaluated, val_loader, accelerator, num_classes)
+                metrics["epoch"] = epoch + 1
+                prog.history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
+                accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")},
+                                step=prog.step)
+                accelerator.print(f"{cfg.name} epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 "
+                                  f"{metrics['macro_f1']:.4f} ({prog.train_images / prog.train_seconds:.0f} "
+                                  "train img/s)")
+                if prog.best is None or better(metrics, prog.best, cfg.select_by):
+                    prog.best = metrics
+                    if accelerator.is_main_process:
+                        save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir,
+                                   classes, extra={"student": cfg.name})
+            path = checkpoints.save(prog, ema)  # after the best checkpoint, which it records
+            if stop.requested(accelerator):
+                raise stop.stop(where, prog.step, epoch, path)
+    best, mix_kl = prog.best, prog.mix_kl
 
     settings = {
         "student": cfg.name, "model": cfg.model, "resolution": pre.input_size,
@@ -334,12 +359,13 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     if accelerator.is_main_process:
         write_json(out_dir / "metrics.json", {
             **best, "best_epoch": best["epoch"], "select_by": cfg.select_by, "params": count_params(model),
-            "train_images_per_sec": train_images / max(train_seconds, 1e-9), "epochs": cfg.epochs, "seed": seed,
-            "wall_seconds": time.perf_counter() - start, "mixed_precision": accelerator.mixed_precision,
+            "train_images_per_sec": prog.train_images / max(prog.train_seconds, 1e-9), "epochs": cfg.epochs,
+            "seed": seed, "wall_seconds": prog.clock(), "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes, "lr": lr, **settings, "classes": classes,
-            "history": history, "fingerprint": student_fingerprint(recipe, cfg, store.manifest["fingerprint"]),
+            "history": prog.history, "fingerprint": checkpoints.fingerprint,
         })
         accelerator.print(f"student {cfg.name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+    checkpoints.clear()  # the student is complete: its files above are the result
     log_hparams(accelerator, hparams(recipe, "student", cfg),
                 {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
     accelerator.free_memory()
@@ -405,6 +431,8 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     batch_size = fx.batch_size or cfg.batch_size
     train_loader = make_loader(train_ds, batch_size, recipe, train=True, world_size=accelerator.num_processes,
                                seed=seed)
+    sampler = train_loader.sampler
+    replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
     val_loaders = {res: make_loader(ImageDataset(val_split, build_transform(None, "eval", p, where=f"{where}.eval")),
                                     cfg.eval_batch_size or batch_size, recipe, train=False,
                                     world_size=accelerator.num_processes)
@@ -441,7 +469,8 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
         for m in trained:
             m.train()
         epoch_start = time.perf_counter()
-        for batch in tqdm(train_loader, desc=f"{cfg.name} fixres {epoch + 1}/{fx.epochs}", leave=False,
+        batches = epoch_batches(accelerator, train_loader, sampler, replay, epoch, 0)
+        for batch in tqdm(batches, desc=f"{cfg.name} fixres {epoch + 1}/{fx.epochs}", leave=False,
                           disable=None if recipe.log.progress and accelerator.is_local_main_process else True):
             x, y = batch[:2]
             target = batch_target(batch, None, teacher, kd, temperature, accelerator)

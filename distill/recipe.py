@@ -228,6 +228,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    # save the resumable state (teach, learn) every N optimizer steps and at every epoch's end; 0: epoch ends only
+    every_steps: int = field(default=500, metadata=_non_negative())
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     seed: int = 0
@@ -237,6 +243,7 @@ class Recipe:
     targets: TargetsConfig = TargetsConfig()
     students: list[StudentConfig] = field(default_factory=list)
     log: LogConfig = LogConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @property
     def run_dir(self) -> Path:

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
@@ -55,20 +56,45 @@ def better(metrics: dict, best: dict, select_by: str) -> bool:
     return metrics[select_by] > best[select_by]
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation drawn from (seed, epoch) alone (call `set_epoch`), unlike a RandomSampler's generator
+    whose state carries over from epoch to epoch: a run resumed in epoch e sees the order it would have seen."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+
 def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int = 1, seed: int | None = None) -> DataLoader:
-    """A loader that shuffles reproducibly; training drops the last partial batch when there is more than
-    one, because BatchNorm cannot train on a batch of one."""
-    workers = recipe.data.num_workers
+    """A loader; training shuffles by (seed, epoch) (`set_epoch` on the prepared loader) and drops the last
+    partial batch when there is more than one, because BatchNorm cannot train on a batch of one."""
+    seed = recipe.seed if seed is None else seed
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed) if train else None,
         drop_last=train and len(dataset) > batch_size * world_size,
-        num_workers=workers,
-        # not persistent: workers must see each epoch's set_epoch() (the replayed view changes per epoch)
+        num_workers=recipe.data.num_workers,
+        # not persistent: workers must see each epoch's set_epoch() (views and augmentations change per epoch)
         persistent_workers=False,
-        generator=torch.Generator().manual_seed(recipe.seed if seed is None else seed) if train else None,
+        # the workers' base seed is drawn from here, not from torch's global generator, whose state a resumed
+        # run restores (accelerate's RNG state) and must not see consumed differently
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def batch_rng(seed: int, process: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of one batch's MixUp/CutMix draw: a function of where the batch is, not of what ran
+    before it, so a resumed run mixes as the interrupted one would have."""
+    return np.random.default_rng([seed, process, epoch, batch])
 
 
 def hparams(recipe, section: str, config=None) -> dict:

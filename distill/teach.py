@@ -1,7 +1,7 @@
 """Entry: fine-tune the teacher of a recipe (Accelerate, mixed precision), keep its best checkpoint and metrics,
 then export its soft targets (targets/).
 
-    accelerate launch distill/teach.py recipe.yaml [key.path=value ...] [--export-only] [--rebuild-targets]
+    accelerate launch distill/teach.py recipe.yaml [key.path=value ...] [--resume] [--export-only] [--rebuild-targets]
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ if __name__ == "__main__" and not __package__:
     # `python distill/teach.py`: import the package, not the sibling files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distill import targets
+from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
 from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
@@ -30,6 +30,7 @@ from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import build_model, count_params, load_model, param_groups, save_model
 from distill.recipe import dump_recipe, load_recipe
 from distill.runs import (
+    batch_rng,
     better,
     finite_or_skip,
     hparams,
@@ -53,6 +54,8 @@ def parse_args(argv=None):
                    help="skip fine-tuning: export the soft targets of the saved teacher (resumes a partial export)")
     p.add_argument("--rebuild-targets", action="store_true",
                    help="replace a soft-target store built for another teacher, dataset or view spec")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fine-tune from its saved state (teacher/resume/), if any")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
@@ -93,11 +96,11 @@ def main(argv=None):
     skipped = [*train_split.skipped, *val_split.skipped, *(unlabeled.skipped if unlabeled else [])]
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
-    train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train",
-                               seed=recipe.seed + accelerator.process_index)
+    train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
     eval_tf = build_transform(cfg.augment.eval, "eval", pre, where="teacher.augment.eval")
-    train_loader = make_loader(ImageDataset(train_split, train_tf), cfg.batch_size, recipe, train=True,
-                               world_size=accelerator.num_processes)
+    train_ds = ImageDataset(train_split, train_tf, seed=recipe.seed)
+    train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes)
+    sampler = train_loader.sampler
     val_loader = make_loader(ImageDataset(val_split, eval_tf), cfg.eval_batch_size or cfg.batch_size, recipe,
                              train=False, world_size=accelerator.num_processes)
 
@@ -120,52 +123,73 @@ def main(argv=None):
                       f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
                       f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
 
-    mix_rng = np.random.default_rng([recipe.seed, accelerator.process_index])
-    start, train_seconds, train_images, step = time.perf_counter(), 0.0, 0, 0
-    best, history, bad_steps = None, [], []
-    for epoch in range(cfg.epochs):
-        model.train()
-        epoch_start = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"teacher {epoch + 1}/{cfg.epochs}", leave=False,
-                   # None: tqdm hides itself when stderr is not a terminal (CI logs, files)
-                   disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
-        for x, y in bar:
-            with accelerator.accumulate(model):
-                mix = sample_mix(cfg.mix, x.shape[-2:], mix_rng)
-                parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix)
-                if not finite_or_skip(parts["loss"], accelerator, bad_steps, step + 1, cfg.optim.max_bad_steps,
-                                      "teacher", kept(out_dir, best)):
+    checkpoints = Checkpoints(accelerator, out_dir, teacher_fingerprint(recipe), recipe.checkpoint.every_steps,
+                              "teacher")
+    prog = checkpoints.load() if args.resume else None
+    if prog is None:
+        checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
+        prog = Progress()
+    with StopSignal() as stop:
+        for epoch in range(prog.epoch, cfg.epochs):
+            model.train()
+            skip = prog.batch if epoch == prog.epoch else 0
+            batches = epoch_batches(accelerator, train_loader, sampler, train_ds, epoch, skip)
+            epoch_start, epoch_images = time.perf_counter(), 0
+            bar = tqdm(batches, desc=f"teacher {epoch + 1}/{cfg.epochs}", leave=False, initial=skip,
+                       total=len(train_loader),
+                       # None: tqdm hides itself when stderr is not a terminal (CI logs, files)
+                       disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
+            for i, (x, y) in enumerate(bar, start=skip):
+                with accelerator.accumulate(model):
+                    mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(recipe.seed, accelerator.process_index, epoch, i))
+                    parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix)
+                    if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
+                                          cfg.optim.max_bad_steps, "teacher", kept(out_dir, prog.best)):
+                        optimizer.zero_grad()
+                        continue
+                    accelerator.backward(parts["loss"])
+                    if accelerator.sync_gradients and cfg.optim.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    optimizer.step()
                     optimizer.zero_grad()
+                epoch_images += len(y) * accelerator.num_processes
+                if not accelerator.sync_gradients:
                     continue
-                accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients and cfg.optim.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad()
-            train_images += len(y) * accelerator.num_processes
-            if accelerator.sync_gradients:
-                step += 1
-                scheduler.step_update(step)
-                if step % recipe.log.every_steps == 0 or step == total_updates:
+                prog.step += 1
+                scheduler.step_update(prog.step)
+                if prog.step % recipe.log.every_steps == 0 or prog.step == total_updates:
                     logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
                     logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the rest
-                    accelerator.log(logged, step=step)
+                    accelerator.log(logged, step=prog.step)
                     bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
-        train_seconds += time.perf_counter() - epoch_start
+                signum = stop.requested(accelerator)
+                if signum or checkpoints.due(prog.step):
+                    prog.epoch, prog.batch = epoch, i + 1
+                    path = checkpoints.save(prog)
+                    if signum:
+                        raise stop.stop("teacher", prog.step, epoch, path)
+            prog.train_seconds += time.perf_counter() - epoch_start
+            prog.train_images += epoch_images
+            prog.epoch, prog.batch = epoch + 1, 0
 
-        if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
-            continue
-        metrics = evaluate(model, val_loader, accelerator, num_classes)
-        metrics["epoch"] = epoch + 1
-        history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
-        accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")}, step=step)
-        accelerator.print(f"epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 {metrics['macro_f1']:.4f} "
-                          f"nll {metrics['nll']:.4f} ({train_images / train_seconds:.0f} train img/s)")
-        if best is None or better(metrics, best, cfg.select_by):
-            best = metrics
-            if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_smoothing_record(recipe))
-        accelerator.wait_for_everyone()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                metrics = evaluate(model, val_loader, accelerator, num_classes)
+                metrics["epoch"] = epoch + 1
+                prog.history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
+                accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")},
+                                step=prog.step)
+                accelerator.print(f"epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 "
+                                  f"{metrics['macro_f1']:.4f} nll {metrics['nll']:.4f} "
+                                  f"({prog.train_images / prog.train_seconds:.0f} train img/s)")
+                if prog.best is None or better(metrics, prog.best, cfg.select_by):
+                    prog.best = metrics
+                    if accelerator.is_main_process:
+                        save_model(accelerator.unwrap_model(model), pre, out_dir, classes,
+                                   extra=_smoothing_record(recipe))
+            path = checkpoints.save(prog)  # after the best checkpoint, which it records
+            if stop.requested(accelerator):
+                raise stop.stop("teacher", prog.step, epoch, path)
+    best = prog.best
 
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=_smoothing_record(recipe))
@@ -174,10 +198,10 @@ def main(argv=None):
             "best_epoch": best["epoch"],
             "select_by": cfg.select_by,
             "params": count_params(model),
-            "train_images_per_sec": train_images / max(train_seconds, 1e-9),
+            "train_images_per_sec": prog.train_images / max(prog.train_seconds, 1e-9),
             "epochs": cfg.epochs,
             "seed": recipe.seed,
-            "wall_seconds": time.perf_counter() - start,
+            "wall_seconds": prog.clock(),
             "model": cfg.model,
             "card": cfg.card,
             "input_size": pre.input_size,
@@ -188,10 +212,11 @@ def main(argv=None):
             "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
             **_smoothing_record(recipe),
             "classes": classes,
-            "history": history,
+            "history": prog.history,
             "fingerprint": teacher_fingerprint(recipe),
         })
         accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+    checkpoints.clear()  # the run is complete: its files above are the result
     log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
     accelerator.wait_for_everyone()
     if recipe.targets.export:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from distill import data
 from distill.data import (
@@ -323,6 +324,34 @@ def test_seeded_transform_repeats():
     a = build_transform(None, "train", PRE, seed=5)
     b = build_transform(None, "train", PRE, seed=5)
     assert all(torch.equal(a(image), b(image)) for _ in range(3))
+
+
+def test_seeded_transforms_decide_independently():
+    """Albumentations' own seeding gives every transform the same seed, so two p=0.5 flips always agree; ours
+    draws all decisions from one stream."""
+    image = np.arange(4, dtype=np.uint8).reshape(2, 2)
+    pre = Preprocess(2, (0.0,) * 3, (1 / 255,) * 3)  # identity normalisation: pixel values stay readable
+    flips = build_transform([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}], "train", pre)
+    corners = []
+    for i in range(400):
+        flips.set_seed([0, 0, i])
+        corners.append(int(flips(image)[0, 0, 0]))  # 0: none, 1: horizontal, 2: vertical, 3: both
+    counts = np.bincount(corners, minlength=4)
+    assert (counts > 60).all(), counts  # each of the four outcomes about 100 times; correlated: only 0 and 3
+
+
+def test_training_augmentation_depends_on_seed_epoch_and_index_only():
+    """Image i's augmentation in epoch e is the same whichever worker or process loads it, and in whatever order:
+    results do not depend on num_workers, and a resumed run sees the images the interrupted one would have."""
+    split = Split(["a"], np.zeros(8), images=np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    ds = ImageDataset(split, build_transform(None, "train", PRE), seed=3)
+    forward = [ds[i][0] for i in range(8)]
+    backward = [ds[i][0] for i in reversed(range(8))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    loaded = torch.cat([x for x, _ in DataLoader(ds, batch_size=3, num_workers=2)])
+    assert torch.equal(loaded, torch.stack(forward))
+    ds.set_epoch(1)
+    assert not any(torch.equal(ds[i][0], forward[i]) for i in range(8))
 
 
 # --- unlabeled images ---------------------------------------------------------
