@@ -198,7 +198,7 @@ def main(argv=None):
 
     # The data and the store, checked against each other before anything is trained or written.
     store = TargetStore(run_dir / "targets")
-    store.verify()  # a truncated or altered shard is refused here, not read as targets
+    store.verify(accelerator)  # a truncated or altered shard is refused here, not read as targets
     train_split, val_split = load_splits(recipe.data)
     samples = Samples(train_split, load_unlabeled(recipe.data, train_split, val_split))
     classes, num_classes = train_split.classes, len(train_split.classes)

@@ -451,9 +451,15 @@ class TargetStore:
         self.storage = m["logits"]["storage"]
         self._shards = [None] * len(m["shards"])
 
-    def verify(self) -> None:
-        """Check every shard against the sha256 in the manifest (a full read: about 1 s per GB)."""
-        damaged = damaged_shards(self.path, self.manifest)
+    def verify(self, accelerator=None) -> None:
+        """Check every shard against the sha256 in the manifest (a full read: about 1 s per GB), on the main
+        process only when an `accelerator` is given; every process gets its verdict."""
+        if accelerator is None or accelerator.num_processes == 1:
+            damaged = damaged_shards(self.path, self.manifest)
+        else:
+            from accelerate.utils import broadcast_object_list
+            verdict = [damaged_shards(self.path, self.manifest) if accelerator.is_main_process else None]
+            damaged = broadcast_object_list(verdict)[0]
         if damaged:
             raise DistillError(f"targets: {self.path / damaged[0]} is damaged or missing (its sha256 differs from "
                                f"the manifest){f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}; "

@@ -56,7 +56,7 @@ def test_two_processes_train_the_student_one_process_trains(run_dir):
     worst = max(float(np.abs(w1[k].numpy() - w2[k].numpy()).max()) for k in w1)
     print(f"2 processes vs 1: max |weight diff| = {worst:.2e}")
     # 12 AdamW steps from the same start on the same data: only the order of float sums differs (the gradient
-    # all-reduce, per-process batch means); measured 2e-6 to 1e-5
+    # all-reduce, per-process batch means); measured 4e-6 to 7e-6 over seeds 0-2
     assert worst < 1e-4
     for key in ("top1", "macro_f1"):
         assert abs(m1[key] - m2[key]) <= 2 / 400, key  # at most two of 400 predictions flip
