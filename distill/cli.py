@@ -15,14 +15,23 @@ COMMANDS = {
              "[--resume] [--fixres-only]",
     "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
+    "predict": "predictions of a saved model for images, as CSV: distill predict <model dir> <images> --out preds.csv "
+               "[--tta]",
+    "diff": "where two prediction CSVs disagree, and how often: distill diff a.csv b.csv",
+    "audit": "training images whose label the teacher confidently contradicts: distill audit runs/<name>",
+    "explain": "Grad-CAM of the teacher and a student on validation images, to TensorBoard: distill explain "
+               "runs/<name>",
 }
+# commands whose whole work is one module's main(argv)
+MODULE_COMMANDS = {"compare": "distill.compare", "predict": "distill.predict", "diff": "distill.predict:diff_main",
+                   "audit": "distill.audit", "explain": "distill.explain"}
 
 
 @exit_on_error
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: distill {run,teach,learn,compare,inspect} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
+        usage = f"usage: distill {{{','.join(COMMANDS)}}} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
         usage += "\n\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml"
         if argv and argv[0] not in ("-h", "--help"):
             raise DistillError(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
@@ -40,9 +49,10 @@ def main(argv=None):
         print(targets.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
         return None
 
-    if command == "compare":
-        from distill import compare
-        return compare.main(rest)
+    if command in MODULE_COMMANDS:
+        import importlib
+        module, _, function = MODULE_COMMANDS[command].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(rest)
     from distill import learn, teach
     if command == "teach":
         return teach.main(rest)

@@ -228,6 +228,16 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TTAConfig:
+    # test-time augmentation: with `enabled`, `distill compare` adds a `<model>+tta` row per model (accuracy and
+    # cost under TTA); `distill predict --tta` uses it. The views: the eval image at each scale (zoomed in or
+    # out, same input size), each also mirrored with `hflip`; their softmax probabilities are averaged.
+    enabled: bool = False
+    hflip: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     # save the resumable state (teach, learn) every N optimizer steps and at every epoch's end; 0: epoch ends only
     every_steps: int = field(default=500, metadata=_non_negative())
@@ -244,6 +254,7 @@ class Recipe:
     students: list[StudentConfig] = field(default_factory=list)
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tta: TTAConfig = TTAConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -390,6 +401,11 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not s.model.startswith(("hf:", "timm:")):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
+    for i, scale in enumerate(recipe.tta.scales):
+        if not 0.5 <= scale <= 2:
+            raise DistillError(f"tta.scales.{i}: expected a scale in [0.5, 2], got {scale!r}")
+    if not recipe.tta.scales:
+        raise DistillError("tta.scales: expected at least one scale, e.g. [1.0]")
     t = recipe.targets
     for key in ("scale", "ratio"):
         lo, hi = getattr(t, key)
