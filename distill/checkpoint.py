@@ -26,6 +26,8 @@ class Progress:
     best: dict | None = None  # the selected checkpoint's validation metrics
     history: list = dataclasses.field(default_factory=list)
     bad_steps: list = dataclasses.field(default_factory=list)  # steps skipped for a non-finite loss
+    stale_evals: int = 0  # evaluations since the best one (early stopping)
+    stopped_early: bool = False
     mix_kl: list = dataclasses.field(default_factory=list)  # online KD: cached-mixing approximation error
     train_images: int = 0  # of complete epochs and of the resumed part of an epoch, over train_seconds
     train_seconds: float = 0.0

@@ -179,6 +179,22 @@ def stratified_indices(labels: Sequence[int] | np.ndarray, n: int, seed: int, *,
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def long_tail_indices(labels: Sequence[int] | np.ndarray, num_classes: int, ratio: float, seed: int) -> np.ndarray:
+    """Sorted indices of an exponentially long-tailed selection (Cui et al. 2019's CIFAR-LT profile): class c
+    keeps min(n_c, max(1, round(n_max · ratio^(-c / (C - 1))))) rows, n_max the largest class count, so class 0
+    keeps the most and the last class n_max / ratio. Within a class, a prefix of a permutation seeded by
+    (seed, c)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    n_max = counts.max(initial=0)
+    picked = []
+    for c in range(num_classes):
+        keep = min(counts[c], max(1, round(n_max * ratio ** (-c / max(num_classes - 1, 1)))))
+        rows = np.flatnonzero(labels == c)
+        picked.append(rows[np.random.default_rng([seed, c]).permutation(len(rows))[:keep]])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def split_off(split: Split, fraction: float, seed: int, key: str = "data.val_fraction") -> tuple[Split, Split]:
     """(train, val): a stratified `fraction` of `split` becomes val."""
     n_val = max(1, round(fraction * len(split)))
@@ -212,6 +228,8 @@ def load_splits(cfg: DataConfig) -> tuple[Split, Split]:
     if cfg.subset is not None:
         train = train.subset(stratified_indices(train.labels, cfg.subset, cfg.split_seed))
         val = val.subset(stratified_indices(val.labels, cfg.subset, cfg.split_seed))
+    if cfg.long_tail is not None:
+        train = train.subset(long_tail_indices(train.labels, len(train.classes), cfg.long_tail, cfg.split_seed))
     return check_images(train, cfg, "data.root"), check_images(val, cfg, "data.val_root")
 
 

@@ -138,9 +138,12 @@ def batch_target(batch, mix, teacher, kd, temperature: float, accelerator, mix_k
     return target
 
 
-def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix) -> dict:
+def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix, weights=None,
+                 gamma=0.0) -> dict:
     """(1 - w) · CE(smoothed, mixed labels) + w · KD(student, teacher probabilities); named parts.
 
+    The CE term takes the class weights and focal γ of `imbalance` (`losses.weighted_cross_entropy`); the KD
+    term is left as it is: it transfers the teacher's distribution, whose class balance is the teacher's.
     Unlabeled samples (label -1), and samples mixed with one, contribute only the KD term.
     """
     w = 0.0 if kd.loss == "none" else kd.weight
@@ -155,7 +158,7 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
     ce = zero
     if w < 1 and known.any():
         target = mix_targets(losses.smooth_one_hot(labels.clamp(min=0), num_classes, smoothing), mix)
-        ce = losses.soft_cross_entropy(logits[known], target[known])
+        ce = losses.weighted_cross_entropy(logits[known], target[known], weights, gamma)
     kd_term = zero
     if w > 0:
         if kd.loss == "kl":
@@ -221,6 +224,17 @@ def main(argv=None):
     accelerator.end_training()
 
 
+def sample_classes(store, samples, n: int) -> np.ndarray:
+    """The class of each of the first `n` store samples for class-balanced sampling: its label, or for an
+    unlabeled image the teacher's prediction on its center view (the class it teaches)."""
+    classes = samples.labels[:n].copy()
+    unlabeled = np.flatnonzero(classes < 0)
+    if len(unlabeled):
+        views = np.full(len(unlabeled), store.manifest["center_view"])
+        classes[unlabeled] = store.rows(unlabeled, views)["logits"].argmax(-1)
+    return classes
+
+
 def online_teacher(recipe, kd, accelerator):
     """(teacher, its preprocessing) for online KD, else (None, None)."""
     if kd.targets != "online" or kd.loss == "none":
@@ -246,9 +260,13 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     if kd.loss == "none" or not kd.use_unlabeled:
         train_ds = Subset(train_ds, range(samples.num_labeled))  # labels only: the baseline's data
     val_ds = ImageDataset(val_split, build_transform(None, "eval", pre, where=f"{where}.eval"))
+    imb = cfg.imbalance
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               seed=seed)
+                               seed=seed, balance=imb.sampler,
+                               classes=sample_classes(store, samples, len(train_ds)) if imb.sampler != "none" else None)
     sampler = train_loader.sampler
+    weights = losses.class_weights(np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes), imb.class_weights,
+                                   imb.effective_beta)
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
 
@@ -279,7 +297,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         prog = Progress()
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
     with StopSignal() as stop:
-        for epoch in range(prog.epoch, cfg.epochs):
+        for epoch in range(prog.epoch, prog.epoch if prog.stopped_early else cfg.epochs):
             model.train()
             skip = prog.batch if epoch == prog.epoch else 0
             batches = epoch_batches(accelerator, train_loader, sampler, replay, epoch, skip)
@@ -293,7 +311,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
                     x = mix_images(x, mix)
                     target = batch_target(batch, mix, teacher, kd, temperature, accelerator, prog.mix_kl)
-                    parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix)
+                    parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix,
+                                         weights, imb.focal_gamma)
                     if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
                                           cfg.optim.max_bad_steps, where, kept(out_dir, prog.best)):
                         optimizer.zero_grad()
@@ -338,13 +357,20 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                                   f"{metrics['macro_f1']:.4f} ({prog.train_images / prog.train_seconds:.0f} "
                                   "train img/s)")
                 if prog.best is None or better(metrics, prog.best, cfg.select_by):
-                    prog.best = metrics
+                    prog.best, prog.stale_evals = metrics, 0
                     if accelerator.is_main_process:
                         save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir,
                                    classes, extra={"student": cfg.name})
+                else:
+                    prog.stale_evals += 1
+                    prog.stopped_early = cfg.patience is not None and prog.stale_evals >= cfg.patience
             path = checkpoints.save(prog, ema)  # after the best checkpoint, which it records
             if stop.requested(accelerator):
                 raise stop.stop(where, prog.step, epoch, path)
+            if prog.stopped_early:
+                accelerator.print(f"{cfg.name}: no better val {cfg.select_by} in {cfg.patience} evaluation(s): "
+                                  f"stopped after epoch {epoch + 1} ({where}.patience)")
+                break
     best, mix_kl = prog.best, prog.mix_kl
 
     settings = {
@@ -352,7 +378,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         "kd_loss": kd.loss, "kd_targets": kd.targets, "temperature": temperature, "kd_weight": kd.weight,
         "kd_standardize": kd.standardize, "label_smoothing": cfg.label_smoothing,
         "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha, "prob": cfg.mix.prob},
-        "ema": cfg.ema, **decision,
+        "ema": cfg.ema, "imbalance": to_plain(imb), "epochs_trained": prog.epoch, "stopped_early": prog.stopped_early,
+        **decision,
         "mix_approx_kl": float(np.mean(mix_kl)) if mix_kl else None,
         "train_images": len(train_ds), "teacher_top1_center": store.manifest.get("diagnostics", {}).get("top1_center"),
     }

@@ -23,6 +23,41 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
+def class_weights(counts, mode: str, beta: float = 0.999) -> torch.Tensor | None:
+    """Per-class weights of the label term, scaled so that the average training sample weighs 1
+    (Σ_c n_c w_c = N, so the loss keeps its scale and the learning rate its meaning); None for "none".
+
+    balanced: w_c ∝ 1 / n_c. effective (Cui et al. 2019): w_c ∝ (1 - β) / (1 - β^n_c), the inverse of the
+    "effective number" of samples, between no weighting (β → 0) and balanced (β → 1).
+    A class without training samples gets the largest weight of the others (it never occurs in a batch anyway).
+    """
+    if mode == "none":
+        return None
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    seen = n > 0
+    w = torch.zeros_like(n)
+    w[seen] = 1 / n[seen] if mode == "balanced" else (1 - beta) / (1 - beta ** n[seen])
+    w[~seen] = w[seen].max()
+    return (w * n.sum() / (w * n).sum()).float()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                           gamma: float = 0.0) -> torch.Tensor:
+    """Class-weighted focal cross-entropy against a target distribution:
+    mean over the batch of -Σ_k w_k · q_k · (1 - p_k)^γ · log p_k, with p = softmax(z).
+
+    w = 1 and γ = 0 give `soft_cross_entropy`; a one-hot q gives Lin et al.'s focal loss -w_y (1 - p_y)^γ log p_y,
+    and a mixed or smoothed q weighs each class's share the same way.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    per_class = target.float() * log_p
+    if gamma:
+        per_class = per_class * (1 - log_p.exp()).pow(gamma)
+    if weights is not None:
+        per_class = per_class * weights.to(per_class.device)
+    return -per_class.sum(-1).mean()
+
+
 # --- knowledge distillation ----------------------------------------------------------
 # Every KD loss takes the student's logits and the teacher's *probabilities at temperature T*
 # (p_t = softmax(t / T), possibly mixed by MixUp/CutMix in probability space), so cached and online

@@ -73,6 +73,9 @@ class DataConfig:
     # a file PIL cannot read: error (named in the error line, when it is read) or skip (every image is
     # decoded once up front; the skipped ones are listed in the run directory's skipped_images.txt)
     on_bad_image: Literal["error", "skip"] = "error"
+    # make the training split long-tailed (experiments on balanced data): class c keeps
+    # n_max · ratio^(-c / (C - 1)) of its images, class 0 the most (Cui et al. 2019); validation stays as it is
+    long_tail: float | None = field(default=None, metadata={"check": ("a ratio >= 1", lambda v: v >= 1)})
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,20 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ImbalanceConfig:
+    """Tools for skewed class frequencies; they act on the label (cross-entropy) term only."""
+
+    # per-class weights of the cross-entropy: balanced ∝ 1/n_c, effective ∝ (1 - β)/(1 - β^n_c) (Cui et al. 2019)
+    class_weights: Literal["none", "balanced", "effective"] = "none"
+    effective_beta: float = field(default=0.999, metadata=_open_unit())
+    # focal loss (Lin et al. 2017): the cross-entropy scaled by (1 - p)^γ; 0 is plain cross-entropy
+    focal_gamma: float = field(default=0.0, metadata={"check": ("a number in [0, 10]", lambda v: 0 <= v <= 10)})
+    # class-balanced batches: oversample draws every class equally often (with replacement, epochs keep their
+    # length); undersample keeps the rarest class's count of every class per epoch
+    sampler: Literal["none", "oversample", "undersample"] = "none"
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     card: str | None = None
     model: str = ""  # "hf:<hub id or local dir>" | "timm:<name>"
@@ -134,6 +151,9 @@ class TeacherConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     eval_every: int = field(default=1, metadata=_at_least(1))
     select_by: Literal["top1", "macro_f1", "nll"] = "top1"
+    # early stopping: stop after this many evaluations without a better `select_by`; null: never
+    patience: int | None = field(default=None, metadata=_at_least(1))
+    imbalance: ImbalanceConfig = ImbalanceConfig()
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -212,6 +232,8 @@ class StudentConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     eval_every: int = field(default=1, metadata=_at_least(1))
     select_by: Literal["top1", "macro_f1", "nll"] = "top1"
+    patience: int | None = field(default=None, metadata=_at_least(1))  # early stopping, as teacher.patience
+    imbalance: ImbalanceConfig = ImbalanceConfig()
     ema: float | None = field(default=None, metadata=_open_unit())  # EMA decay of the weights (timm ModelEmaV3)
     zero_init_last_bn: bool | None = None  # timm's zero_init_last: residual blocks start as identity
     optim: OptimConfig = OptimConfig(lr=0.05, name="sgd", weight_decay=5e-5)

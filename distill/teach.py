@@ -15,6 +15,7 @@ if __name__ == "__main__" and not __package__:
     # `python distill/teach.py`: import the package, not the sibling files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -25,10 +26,10 @@ from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
 from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
-from distill.losses import smooth_one_hot, soft_cross_entropy
+from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import build_model, count_params, load_model, param_groups, save_model
-from distill.recipe import dump_recipe, load_recipe
+from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.runs import (
     batch_rng,
     better,
@@ -59,10 +60,11 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
-def teacher_loss(logits, labels, num_classes, smoothing, mix):
-    """Cross-entropy against label-smoothed, then mixed, one-hot targets; returns the named parts."""
+def teacher_loss(logits, labels, num_classes, smoothing, mix, weights=None, gamma=0.0):
+    """Cross-entropy (class-weighted, focal with γ > 0) against label-smoothed, then mixed, one-hot targets;
+    returns the named parts."""
     target = mix_targets(smooth_one_hot(labels, num_classes, smoothing), mix)
-    loss = soft_cross_entropy(logits, target)
+    loss = weighted_cross_entropy(logits, target, weights, gamma)
     return {"loss": loss, "loss_ce": loss.detach()}
 
 
@@ -99,8 +101,11 @@ def main(argv=None):
     train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
     eval_tf = build_transform(cfg.augment.eval, "eval", pre, where="teacher.augment.eval")
     train_ds = ImageDataset(train_split, train_tf, seed=recipe.seed)
-    train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes)
+    train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
+                               classes=train_split.labels, balance=cfg.imbalance.sampler)
     sampler = train_loader.sampler
+    counts = np.bincount(train_split.labels, minlength=num_classes)
+    weights = class_weights(counts, cfg.imbalance.class_weights, cfg.imbalance.effective_beta)
     val_loader = make_loader(ImageDataset(val_split, eval_tf), cfg.eval_batch_size or cfg.batch_size, recipe,
                              train=False, world_size=accelerator.num_processes)
 
@@ -130,7 +135,7 @@ def main(argv=None):
         checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
         prog = Progress()
     with StopSignal() as stop:
-        for epoch in range(prog.epoch, cfg.epochs):
+        for epoch in range(prog.epoch, prog.epoch if prog.stopped_early else cfg.epochs):
             model.train()
             skip = prog.batch if epoch == prog.epoch else 0
             batches = epoch_batches(accelerator, train_loader, sampler, train_ds, epoch, skip)
@@ -142,7 +147,8 @@ def main(argv=None):
             for i, (x, y) in enumerate(bar, start=skip):
                 with accelerator.accumulate(model):
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(recipe.seed, accelerator.process_index, epoch, i))
-                    parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix)
+                    parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix,
+                                         weights, cfg.imbalance.focal_gamma)
                     if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
                                           cfg.optim.max_bad_steps, "teacher", kept(out_dir, prog.best)):
                         optimizer.zero_grad()
@@ -182,13 +188,20 @@ def main(argv=None):
                                   f"{metrics['macro_f1']:.4f} nll {metrics['nll']:.4f} "
                                   f"({prog.train_images / prog.train_seconds:.0f} train img/s)")
                 if prog.best is None or better(metrics, prog.best, cfg.select_by):
-                    prog.best = metrics
+                    prog.best, prog.stale_evals = metrics, 0
                     if accelerator.is_main_process:
                         save_model(accelerator.unwrap_model(model), pre, out_dir, classes,
                                    extra=_smoothing_record(recipe))
+                else:
+                    prog.stale_evals += 1
+                    prog.stopped_early = cfg.patience is not None and prog.stale_evals >= cfg.patience
             path = checkpoints.save(prog)  # after the best checkpoint, which it records
             if stop.requested(accelerator):
                 raise stop.stop("teacher", prog.step, epoch, path)
+            if prog.stopped_early:
+                accelerator.print(f"teacher: no better val {cfg.select_by} in {cfg.patience} evaluation(s): "
+                                  f"stopped after epoch {epoch + 1} (teacher.patience)")
+                break
     best = prog.best
 
     if accelerator.is_main_process:
@@ -200,6 +213,9 @@ def main(argv=None):
             "params": count_params(model),
             "train_images_per_sec": prog.train_images / max(prog.train_seconds, 1e-9),
             "epochs": cfg.epochs,
+            "epochs_trained": prog.epoch,
+            "stopped_early": prog.stopped_early,
+            "imbalance": to_plain(cfg.imbalance),
             "seed": recipe.seed,
             "wall_seconds": prog.clock(),
             "model": cfg.model,
