@@ -1,10 +1,12 @@
 """Entry: one comparison table of the teacher and every student of one or more run directories.
 
-    python -m distill.compare runs/<recipe> [more run dirs ...]
+    python -m distill.compare runs/<recipe> [more run dirs ...] [--no-speed] [--no-tta]
     distill compare runs/<recipe> [...]
 
 Writes <first run dir>/comparison.{md,csv}, an accuracy-vs-latency plot, and TensorBoard (tb/compare:
 the table as text, one hparams entry per model, the plot and the confusion matrices as images).
+When the first run's recipe has `tta.enabled: true`, each model also gets a `<role>+tta` row: its accuracy
+with test-time augmentation on its run's validation set, and its latency and throughput with TTA.
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ import torch
 
 from distill.errors import DistillError, exit_on_error
 from distill.models import load_model
+from distill.recipe import Recipe, TTAConfig, load_recipe
 from distill.runs import write_text
+from distill.tta import num_views, tta_logits
 
 COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1",
-           "images_per_sec_b64", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
+           "images_per_sec_b64", "tta_views", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
            "ls_decision")
 
 
@@ -36,6 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="distill compare", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories (runs/<recipe>)")
     p.add_argument("--no-speed", action="store_true", help="skip measuring latency and throughput")
+    p.add_argument("--no-tta", action="store_true", help="no <model>+tta rows, even when the recipe enables tta")
     return p.parse_args(argv)
 
 
@@ -53,8 +58,9 @@ def find_models(run_dir: Path) -> list[tuple[str, Path]]:
 
 
 @torch.inference_mode()
-def measure_speed(model_dir: Path, repeats: int = 20) -> tuple[float, float]:
-    """Latency (ms) at batch 1 and throughput (images/s) at batch 64 on this machine, float32.
+def measure_speed(model_dir: Path, repeats: int = 20, tta: TTAConfig | None = None) -> tuple[float, float]:
+    """Latency (ms) at batch 1 and throughput (images/s) at batch 64 on this machine, float32; with `tta`, of
+    the whole TTA prediction (every view's forward pass).
 
     The best of `repeats` timings after warm-up: other work on the machine only ever adds time, so the
     minimum is the stable estimate of what the model itself costs.
@@ -65,11 +71,11 @@ def measure_speed(model_dir: Path, repeats: int = 20) -> tuple[float, float]:
     for batch, n in ((1, repeats), (64, max(5, repeats // 2))):
         x = torch.randn(batch, 3, pre.input_size, pre.input_size).contiguous(memory_format=torch.channels_last)
         for _ in range(3):  # warm-up: oneDNN picks and caches its kernels on the first calls
-            model(x)
+            tta_logits(model, x, tta)
         times = []
         for _ in range(n):
             start = time.perf_counter()
-            model(x)
+            tta_logits(model, x, tta)
             times.append(time.perf_counter() - start)
         results.append(min(times))
     return results[0] * 1000, 64 / results[1]
@@ -86,13 +92,65 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
         "run": run_dir.name, "model": m.get("model"), "role": role,
         "resolution": m.get("resolution") or m.get("input_size"), "top1": m["top1"], "macro_f1": m["macro_f1"],
         "nll": m["nll"], "ece": m["ece"], "params_m": m["params"] / 1e6, "latency_ms_b1": latency,
-        "images_per_sec_b64": throughput, "train_minutes": m["wall_seconds"] / 60,
+        "images_per_sec_b64": throughput, "tta_views": 1, "train_minutes": m["wall_seconds"] / 60,
         "kd": m.get("kd_loss", "-") if student else "-", "temperature": m.get("temperature") if distilled else None,
         "kd_weight": m.get("kd_weight") if distilled else None, "label_smoothing": m.get("label_smoothing"),
         "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
         "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"),
         "_reason": m.get("ls_reason") if not m.get("fixres") else None, "_fixres": m.get("fixres"),
     }
+
+
+def tta_section(run_dir: Path) -> TTAConfig | None:
+    """The run's `tta:` section when its recipe (config.yaml) enables it, else None."""
+    recipe = run_recipe(run_dir)
+    return recipe.tta if recipe is not None and recipe.tta.enabled else None
+
+
+def run_recipe(run_dir: Path) -> Recipe | None:
+    path = run_dir / "config.yaml"
+    return load_recipe(path) if path.is_file() else None
+
+
+def tta_row(row: dict, model_dir: Path, split, tta: TTAConfig, speed: bool, augment: list | None = None,
+            batch_size: int = 64) -> dict:
+    """The `<role>+tta` row of the model whose plain row is `row`: accuracy with TTA on `split` (its run's
+    validation split, on which its metrics.json was measured; `augment` the eval list it was measured with),
+    latency and throughput with TTA; training and distillation columns are the plain row's.
+    """
+    from distill.evaluate import classification_metrics
+    from distill.predict import predict_split
+
+    model, pre, info = load_model(model_dir)
+    if len(split.classes) != info["num_classes"]:
+        raise DistillError(f"{model_dir}: the model has {info['num_classes']} classes, its run's validation set "
+                           f"{len(split.classes)}; was config.yaml replaced? Re-run the run, or pass --no-tta")
+    logits, labels = predict_split(model, pre, split, tta, batch_size, augment)
+    m = classification_metrics(logits, labels, info["num_classes"])
+    latency, throughput = measure_speed(model_dir, tta=tta) if speed else (None, None)
+    return {**row, "role": f"{row['role']}+tta", "top1": m["top1"], "macro_f1": m["macro_f1"], "nll": m["nll"],
+            "ece": m["ece"], "latency_ms_b1": latency, "images_per_sec_b64": throughput,
+            "tta_views": num_views(tta), "_confusion": m["confusion_matrix"], "_reason": None, "_fixres": None}
+
+
+def with_tta_rows(run_dir: Path, rows: list[dict], models: list[tuple[str, Path]], tta: TTAConfig,
+                  speed: bool) -> list[dict]:
+    """`rows` (one per model of `run_dir`) with each model's `+tta` row after its own."""
+    from distill.data import load_splits
+
+    recipe = run_recipe(run_dir)
+    if recipe is None:
+        print(f"warning: {run_dir}: no config.yaml, so no validation set to measure TTA on; no +tta rows",
+              file=sys.stderr)
+        return rows
+    split = load_splits(recipe.data)[1]
+    out = []
+    for row, (role, model_dir) in zip(rows, models):
+        print(f"tta: {run_dir.name}/{role}: {len(split)} val images x {num_views(tta)} views", flush=True)
+        # the teacher was evaluated with the recipe's teacher.augment.eval, students with the default
+        augment = recipe.teacher.augment.eval if role == "teacher" else None
+        out += [row, tta_row(row, model_dir, split, tta, speed, augment)]
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -220,12 +278,14 @@ def main(argv=None):
     for d in run_dirs:
         if not d.is_dir():
             raise DistillError(f"{d}: no such run directory; give runs/<recipe name>")
+    tta = None if args.no_tta else tta_section(run_dirs[0])
     rows = []
     for d in run_dirs:
         models = find_models(d)
         if not models:
             print(f"warning: {d}: no finished teacher or student (no metrics.json)", file=sys.stderr)
-        rows += [row_for(d, role, model_dir, not args.no_speed) for role, model_dir in models]
+        run_rows = [row_for(d, role, model_dir, not args.no_speed) for role, model_dir in models]
+        rows += with_tta_rows(d, run_rows, models, tta, not args.no_speed) if tta and models else run_rows
     if not rows:
         raise DistillError(f"{', '.join(map(str, run_dirs))}: nothing to compare; run distill teach / learn first")
     table = markdown(rows)

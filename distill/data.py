@@ -78,6 +78,7 @@ class Split:
             paths: Sequence[str] | None = None,
             name: str = "",
             ids: np.ndarray | None = None,
+            groups: Sequence[str] | np.ndarray | None = None,
     ):
         if (images is None) == (paths is None):
             raise ValueError("Split needs exactly one of images or paths")
@@ -88,6 +89,7 @@ class Split:
         self.paths = None if paths is None else [str(p) for p in paths]
         self.name = name
         self.ids = np.arange(len(self.labels)) if ids is None else np.asarray(ids, dtype=np.int64)
+        self.groups = None if groups is None else np.asarray(groups, dtype=str)  # data.group_column
         if len(self.ids) != len(self.labels) or len(images if paths is None else self.paths) != len(self.labels):
             raise ValueError("Split: images/paths, labels and ids differ in length")
 
@@ -116,7 +118,7 @@ class Split:
             self.classes, self.labels[indices],
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else [self.paths[j] for j in indices],
-            name=self.name, ids=self.ids[indices],
+            name=self.name, ids=self.ids[indices], groups=None if self.groups is None else self.groups[indices],
         )
 
 
@@ -179,6 +181,33 @@ def stratified_indices(labels: Sequence[int] | np.ndarray, n: int, seed: int, *,
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def fold_ids(split: Split, k: int, seed: int, key: str = "teacher.folds") -> np.ndarray:
+    """Each row's fold in [0, k): stratified by class (scikit-learn's StratifiedKFold), and with groups
+    (data.group_column) StratifiedGroupKFold, so a group's rows all fall in one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    groups = split.groups
+    if (len(split) if groups is None else len(set(groups))) < k:
+        raise DistillError(f"{key}: {k} folds need at least {k} {'groups' if groups is not None else 'images'}; "
+                           f"the training split has {len(split) if groups is None else len(set(groups))}")
+    folds = np.empty(len(split), dtype=np.int64)
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if groups is None
+                else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
+    with warnings.catch_warnings():  # "the least populated class has only n members": folds miss that class
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, held_out) in enumerate(splitter.split(np.zeros(len(split)), split.labels, groups)):
+            folds[held_out] = f
+    return folds
+
+
+def split_by_group(split: Split, fraction: float, seed: int, key: str) -> tuple[Split, Split]:
+    """(train, val) with about `fraction` of the rows in val, whole groups only, stratified by class as far as
+    groups allow (one fold of a StratifiedGroupKFold with round(1 / fraction) folds)."""
+    k = max(2, round(1 / fraction))
+    folds = fold_ids(split, k, seed, key)
+    return split.subset(np.flatnonzero(folds != 0)), split.subset(np.flatnonzero(folds == 0))
+
+
 def long_tail_indices(labels: Sequence[int] | np.ndarray, num_classes: int, ratio: float, seed: int) -> np.ndarray:
     """Sorted indices of an exponentially long-tailed selection (Cui et al. 2019's CIFAR-LT profile): class c
     keeps min(n_c, max(1, round(n_max · ratio^(-c / (C - 1))))) rows, n_max the largest class count, so class 0
@@ -197,6 +226,8 @@ def long_tail_indices(labels: Sequence[int] | np.ndarray, num_classes: int, rati
 
 def split_off(split: Split, fraction: float, seed: int, key: str = "data.val_fraction") -> tuple[Split, Split]:
     """(train, val): a stratified `fraction` of `split` becomes val."""
+    if split.groups is not None:  # data.group_column: whole groups go to val, none is in both splits
+        return split_by_group(split, fraction, seed, key)
     n_val = max(1, round(fraction * len(split)))
     val_idx = stratified_indices(split.labels, n_val, seed, leave=1)
     if len(val_idx) == 0:
@@ -439,40 +470,44 @@ def _image_files(folder: Path) -> list[str]:
 
 def _load_csv(cfg: DataConfig) -> tuple[Split, Split | None]:
     root = _required_root(cfg, f"a CSV file with columns {cfg.path_column!r} and {cfg.label_column!r}")
-    paths, names = _read_csv(root, "data.root", cfg)
+    paths, names, groups = _read_csv(root, "data.root", cfg)
     if all(_is_int(n) for n in names):
         classes = [str(c) for c in sorted({int(n) for n in names})]
     else:
         classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
-    train = Split(classes, [index[n] for n in names], paths=paths, name=str(root))
+    train = Split(classes, [index[n] for n in names], paths=paths, name=str(root), groups=groups)
     if cfg.val_root is None:
         return train, None
     val_root = Path(cfg.val_root).expanduser()
-    val_paths, val_names = _read_csv(val_root, "data.val_root", cfg)
+    val_paths, val_names, val_groups = _read_csv(val_root, "data.val_root", cfg)
     for name in val_names:
         if name not in index:
             raise DistillError(f"data.val_root: label {name!r} in {val_root} is not a label of data.root "
                                f"({root} has {', '.join(classes)}); fix the label or the CSV")
-    return train, Split(classes, [index[n] for n in val_names], paths=val_paths, name=str(val_root))
+    return train, Split(classes, [index[n] for n in val_names], paths=val_paths, name=str(val_root), groups=val_groups)
 
 
-def _read_csv(path: Path, key: str, cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """Resolved image paths and label names (ints as canonical strings, so '07' and '7' agree)."""
+def _read_csv(path: Path, key: str, cfg: DataConfig) -> tuple[list[str], list[str], list[str] | None]:
+    """Resolved image paths, label names (ints as canonical strings, so '07' and '7' agree) and, with
+    data.group_column, group names."""
     if not path.is_file():
         raise DistillError(f"{key}: CSV file {path} not found")
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM into the header
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        for column, column_key in ((cfg.path_column, "data.path_column"), (cfg.label_column, "data.label_column")):
-            if column not in columns:
+        for column, column_key in ((cfg.path_column, "data.path_column"), (cfg.label_column, "data.label_column"),
+                                   (cfg.group_column, "data.group_column")):
+            if column is not None and column not in columns:
                 raise DistillError(f"{column_key}: no column {column!r} in {path}; "
                                    f"its columns are: {', '.join(columns) or '(none)'}")
-        rows = [(reader.line_num, row[cfg.path_column], row[cfg.label_column]) for row in reader]
+        rows = [(reader.line_num, row[cfg.path_column], row[cfg.label_column],
+                 row[cfg.group_column] if cfg.group_column else None) for row in reader]
     if not rows:
         raise DistillError(f"{key}: {path} has no rows; add one image per row")
+    groups = [(g or "").strip() for *_, g in rows] if cfg.group_column else None
     paths, names, missing = [], [], []
-    for line, image, label in rows:
+    for line, image, label, _ in rows:
         image, label = (image or "").strip(), (label or "").strip()
         if not image or not label:
             column = cfg.path_column if not image else cfg.label_column
@@ -486,7 +521,7 @@ def _read_csv(path: Path, key: str, cfg: DataConfig) -> tuple[list[str], list[st
         line, image, full = missing[0]
         raise DistillError(f"{path}: line {line}: image {image!r} not found ({full}); {len(missing)} of "
                            f"{len(rows)} images are missing (relative paths are from the CSV's folder)")
-    return paths, names
+    return paths, names, groups
 
 
 def _is_int(text: str) -> bool:

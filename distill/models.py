@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -458,12 +459,76 @@ def save_model(model: nn.Module, pre: Preprocess, out_dir, classes: list[str], e
     return info
 
 
+class Ensemble(nn.Module):
+    """Several classifiers of the same classes as one model. The input is normalised for the ensemble's
+    preprocessing; each member gets it at its own input size and normalisation (crop differences are not
+    redone). The output: log of the mean softmax probability (combine "probs": a proper mixture, so NLL and
+    a later softmax(· / T) keep their meaning) or the mean logit ("logits")."""
+
+    def __init__(self, members: list[tuple[nn.Module, Preprocess]], pre: Preprocess, combine: str):
+        super().__init__()
+        self.members = nn.ModuleList(m for m, _ in members)
+        self.pres, self.pre, self.combine = [p for _, p in members], pre, combine
+
+    def member_input(self, x: torch.Tensor, p: Preprocess) -> torch.Tensor:
+        if (p.input_size, p.mean, p.std) == (self.pre.input_size, self.pre.mean, self.pre.std):
+            return x
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (self.pre.mean, self.pre.std))
+        pixels = x * std + mean
+        if p.input_size != x.shape[-1]:
+            mode = "bilinear" if p.interpolation == "nearest" else p.interpolation.replace("area", "bilinear")
+            pixels = torch.nn.functional.interpolate(pixels, size=(p.input_size, p.input_size), mode=mode,
+                                                     align_corners=False, antialias=True)
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (p.mean, p.std))
+        return (pixels - mean) / std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([m(self.member_input(x, p)).float() for m, p in zip(self.members, self.pres)])
+        if self.combine == "logits":
+            return outs.mean(0)
+        return torch.logsumexp(torch.log_softmax(outs, -1), 0) - math.log(len(outs))
+
+
+def save_ensemble(out_dir, member_dirs: list, combine: str, classes: list[str], extra: dict | None = None) -> dict:
+    """Write out_dir/model.json describing an ensemble of saved models (no weights of its own): `load_model`
+    rebuilds it. Its sha256 is that of its members' sha256s and the combine rule, so a store made by another
+    ensemble is told apart. The ensemble's preprocessing is the largest member input's."""
+    out = Path(out_dir)
+    infos, pres = [], []
+    for d in member_dirs:
+        info = _read_info(Path(d) / INFO_FILE)
+        if info["classes"] != list(classes):
+            raise DistillError(f"teacher.ensemble_with: {d} was trained on classes {info['classes'][:5]}…, this "
+                               f"data has {list(classes)[:5]}…; ensemble models of the same classes")
+        infos.append(info)
+        pres.append(info["preprocess"])
+    first = max(pres, key=lambda p: p["input_size"])
+    members = [os.path.relpath(Path(d).resolve(), out.resolve()) for d in member_dirs]
+    digest = hashlib.sha256(json.dumps([[i["sha256"] for i in infos], combine]).encode()).hexdigest()
+    info = {"format": FORMAT_VERSION, "source": "ensemble", "members": members, "combine": combine,
+            "num_classes": len(classes), "classes": list(classes), "preprocess": first, "sha256": digest,
+            "params": sum(i.get("params", 0) for i in infos), "extra": extra or {},
+            "model": "ensemble of " + ", ".join(str(i.get("model") or i.get("name")) for i in infos)}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=_json_default))
+    (out / MODEL_FILE).unlink(missing_ok=True)  # a single model's weights from before would contradict it
+    os.replace(tmp, out / INFO_FILE)
+    return info
+
+
 def load_model(model_dir) -> tuple[nn.Module, Preprocess, dict]:
-    """Rebuild a model written by `save_model`, offline; returns (model, preprocess, model.json)."""
+    """Rebuild a model written by `save_model` (or an ensemble by `save_ensemble`), offline; returns
+    (model, preprocess, model.json)."""
     from safetensors.torch import load_file
 
     d = Path(model_dir)
     info = _read_info(d / INFO_FILE)
+    if info["source"] == "ensemble":
+        members = [load_model(d / m)[:2] for m in info["members"]]
+        pre = Preprocess(**{**info["preprocess"], "mean": tuple(info["preprocess"]["mean"]),
+                            "std": tuple(info["preprocess"]["std"])})
+        return Ensemble(members, pre, info["combine"]).eval(), pre, info
     weights = d / MODEL_FILE
     if not weights.is_file():
         raise DistillError(f"{weights}: missing; {d} is incomplete, re-run the stage that wrote it")
@@ -501,6 +566,15 @@ def _rebuild(info: dict) -> nn.Module:
     if "model" in info:
         model.distill_spec["model"] = info["model"]
     return model
+
+
+def read_model_info(model_dir: Path, key: str | None = None) -> dict:
+    """A model directory's model.json, checked; `key` (the recipe key that names the directory) leads the
+    error message."""
+    try:
+        return _read_info(Path(model_dir) / INFO_FILE)
+    except DistillError as e:
+        raise DistillError(f"{key}: {e}" if key else str(e)) from None
 
 
 def _read_info(path: Path) -> dict:

@@ -69,6 +69,9 @@ class DataConfig:
     unlabeled_subset: int | None = field(default=None, metadata=_at_least(1))
     path_column: str = "path"
     label_column: str = "label"
+    # csv: a column naming each image's group (a person, a scan, a video); k-fold teachers keep a group's
+    # images in one fold, so no group is in both a fold's training and its held-out images
+    group_column: str | None = None
     num_workers: int = field(default=0, metadata=_at_least(0, 256))
     # a file PIL cannot read: error (named in the error line, when it is read) or skip (every image is
     # decoded once up front; the skipped ones are listed in the run directory's skipped_images.txt)
@@ -154,6 +157,14 @@ class TeacherConfig:
     # early stopping: stop after this many evaluations without a better `select_by`; null: never
     patience: int | None = field(default=None, metadata=_at_least(1))
     imbalance: ImbalanceConfig = ImbalanceConfig()
+    # k-fold: train k teachers, each on k - 1 stratified folds of the training split (selected on its held-out
+    # fold), write their out-of-fold predictions, and make their ensemble the teacher; null: one teacher
+    folds: int | None = field(default=None, metadata=_at_least(2, 50))
+    # more members for the teacher ensemble: model directories trained elsewhere on the same classes
+    # (e.g. runs/other/teacher); their own preprocessing is applied inside the ensemble
+    ensemble_with: list[str] = field(default_factory=list)
+    # how members are combined: probs = mean of softmax probabilities (the output is its log), logits = mean logit
+    ensemble_combine: Literal["probs", "logits"] = "probs"
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -423,6 +434,8 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not s.model.startswith(("hf:", "timm:")):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
+    if recipe.data.group_column is not None and recipe.data.source != "csv":
+        raise DistillError(f"data.group_column: only a csv source has columns; data.source is {recipe.data.source!r}")
     for i, scale in enumerate(recipe.tta.scales):
         if not 0.5 <= scale <= 2:
             raise DistillError(f"tta.scales.{i}: expected a scale in [0.5, 2], got {scale!r}")

@@ -6,6 +6,7 @@ then export its soft targets (targets/).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -19,20 +20,30 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from distill import targets
 from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
-from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
+from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
-from distill.evaluate import evaluate
+from distill.evaluate import evaluate, predict
 from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
-from distill.models import build_model, count_params, load_model, param_groups, save_model
+from distill.models import (
+    build_model,
+    count_params,
+    load_model,
+    param_groups,
+    read_model_info,
+    save_ensemble,
+    save_model,
+)
 from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.runs import (
     batch_rng,
     better,
+    finished,
     finite_or_skip,
     hparams,
     kept,
@@ -96,6 +107,21 @@ def main(argv=None):
     train_split, val_split = load_splits(recipe.data)
     unlabeled = load_unlabeled(recipe.data, train_split, val_split) if recipe.targets.export else None
     skipped = [*train_split.skipped, *val_split.skipped, *(unlabeled.skipped if unlabeled else [])]
+    if cfg.folds or cfg.ensemble_with:
+        teach_ensemble(recipe, accelerator, train_split, val_split, args.resume, skipped)
+    else:
+        fit_teacher(recipe, accelerator, train_split, val_split, out_dir, "teacher", teacher_fingerprint(recipe),
+                    args.resume, skipped)
+    if recipe.targets.export:
+        export_targets(recipe, accelerator, args.rebuild_targets)
+    accelerator.end_training()  # last: it also tears down the process group
+
+
+def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name: str, fingerprint: str,
+                resume: bool, skipped=()) -> dict:
+    """Fine-tune one teacher on `train_split`, select its checkpoint on `val_split`, and write `out_dir`
+    (model, last/, metrics.json with `fingerprint`); returns the selected checkpoint's metrics."""
+    cfg, run_dir = recipe.teacher, recipe.run_dir
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
     train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
@@ -117,20 +143,19 @@ def main(argv=None):
     total_updates = cfg.epochs * updates_per_epoch
     scheduler = make_scheduler(optimizer, cfg.optim, lr, total_updates, updates_per_epoch)
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # everything that can fail on bad input has been built: record the run
         write_text(run_dir / "config.yaml", dump_recipe(recipe))
         if skipped:
             write_text(run_dir / "skipped_images.txt", "".join(f"{path}\t{why}\n" for path, why in skipped))
             accelerator.print(f"warning: data.on_bad_image: skip: {len(skipped)} unreadable image(s) left out, "
                               f"listed in {run_dir / 'skipped_images.txt'}")
-    start_tracking(accelerator, "teacher")
-    accelerator.print(f"teacher {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
+    start_tracking(accelerator, name)
+    accelerator.print(f"{name} {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
                       f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
                       f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
 
-    checkpoints = Checkpoints(accelerator, out_dir, teacher_fingerprint(recipe), recipe.checkpoint.every_steps,
-                              "teacher")
-    prog = checkpoints.load() if args.resume else None
+    checkpoints = Checkpoints(accelerator, out_dir, fingerprint, recipe.checkpoint.every_steps, name)
+    prog = checkpoints.load() if resume else None
     if prog is None:
         checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
         prog = Progress()
@@ -229,15 +254,118 @@ def main(argv=None):
             **_smoothing_record(recipe),
             "classes": classes,
             "history": prog.history,
-            "fingerprint": teacher_fingerprint(recipe),
+            "fingerprint": fingerprint,
         })
-        accelerator.print(f"teacher saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
+        accelerator.print(f"{name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     checkpoints.clear()  # the run is complete: its files above are the result
     log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
     accelerator.wait_for_everyone()
-    if recipe.targets.export:
-        export_targets(recipe, accelerator, args.rebuild_targets)
-    accelerator.end_training()  # last: it also tears down the process group
+    accelerator.free_memory()  # the next fold's model and optimizer are prepared afresh
+    return best
+
+
+def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, skipped) -> dict:
+    """The teacher as an ensemble (teacher/model.json, `models.save_ensemble`) of k fold teachers
+    (`teacher.folds`: teacher/fold-<f>/, each trained on the other folds and selected on its own) or of this
+    recipe's one teacher (teacher/own/), plus `teacher.ensemble_with` models trained elsewhere.
+
+    With folds, teacher/oof.safetensors holds each training image's out-of-fold logits (from the one fold
+    teacher that did not train on it) and its fold. teacher/metrics.json has the ensemble's validation metrics,
+    every member's (`members`) and the folds' held-out metrics with mean ± std (`folds`). A fold already
+    complete for this recipe is not trained again.
+    """
+    cfg, out_dir = recipe.teacher, recipe.run_dir / "teacher"
+    classes, num_classes = train_split.classes, len(train_split.classes)
+    for i, d in enumerate(cfg.ensemble_with):  # before hours of training: a member that cannot join
+        info = read_model_info(Path(d), f"teacher.ensemble_with.{i}")
+        if info["classes"] != classes:
+            raise DistillError(f"teacher.ensemble_with.{i}: {d} was trained on classes {info['classes'][:5]}…, this "
+                               f"data has {classes[:5]}…; ensemble models of the same classes")
+    members, heldout = [], []
+    if cfg.folds:
+        folds = fold_ids(train_split, cfg.folds, recipe.data.split_seed)
+        for f in range(cfg.folds):
+            fold_dir, fingerprint = out_dir / f"fold-{f}", stage_fingerprint(teacher_fingerprint(recipe), "fold", f)
+            if finished(fold_dir / "metrics.json", fingerprint):
+                accelerator.print(f"teacher fold {f} complete for this recipe: skipped")
+                heldout.append(json.loads((fold_dir / "metrics.json").read_text()))
+            else:
+                heldout.append(fit_teacher(recipe, accelerator, train_split.subset(np.flatnonzero(folds != f)),
+                                           train_split.subset(np.flatnonzero(folds == f)), fold_dir,
+                                           f"teacher-fold-{f}", fingerprint, resume, skipped))
+            members.append(fold_dir)
+        write_oof(recipe, accelerator, train_split, folds, members, out_dir / "oof.safetensors")
+    else:
+        own = out_dir / "own"
+        fingerprint = stage_fingerprint(teacher_fingerprint(recipe), "own")
+        if not finished(own / "metrics.json", fingerprint):
+            fit_teacher(recipe, accelerator, train_split, val_split, own, "teacher", fingerprint, resume, skipped)
+        members.append(own)
+    members += [Path(d) for d in cfg.ensemble_with]
+    if accelerator.is_main_process:
+        save_ensemble(out_dir, members, cfg.ensemble_combine, classes, extra=_smoothing_record(recipe))
+    accelerator.wait_for_everyone()
+
+    start_tracking(accelerator, "teacher")
+    scores = {d: evaluate_dir(recipe, accelerator, d, val_split, num_classes) for d in [out_dir, *members]}
+    keys = ("top1", "top5", "macro_f1", "nll", "ece")
+    for d in members:
+        accelerator.print(f"member {d}: val top1 {scores[d]['top1']:.4f} macro_f1 {scores[d]['macro_f1']:.4f}")
+    best = scores[out_dir]
+    accelerator.print(f"ensemble of {len(members)} ({cfg.ensemble_combine}): val top1 {best['top1']:.4f} "
+                      f"macro_f1 {best['macro_f1']:.4f} nll {best['nll']:.4f}")
+    if accelerator.is_main_process:
+        fold_summary = None
+        if heldout:
+            fold_summary = {"k": cfg.folds, "heldout": [{k: m[k] for k in keys} for m in heldout],
+                            **{f"{k}_mean": float(np.mean([m[k] for m in heldout])) for k in keys},
+                            **{f"{k}_std": float(np.std([m[k] for m in heldout], ddof=1)) for k in keys}}
+        write_json(out_dir / "metrics.json", {
+            **best, "model": f"ensemble of {len(members)}", "card": cfg.card, "ensemble_combine": cfg.ensemble_combine,
+            "members": [{"dir": str(d), "name": d.name if d.parent == out_dir else str(d),
+                         **{k: scores[d][k] for k in keys}} for d in members],
+            "folds": fold_summary, "params": sum(count_params(load_model(d)[0]) for d in members),
+            "input_size": read_model_info(out_dir)["preprocess"]["input_size"],
+            # the cost of this teacher: the members trained here (members trained elsewhere are not counted)
+            "wall_seconds": sum(_wall_seconds(d) for d in members if d.parent == out_dir),
+            "epochs": cfg.epochs, "seed": recipe.seed, "num_processes": accelerator.num_processes,
+            **_smoothing_record(recipe), "classes": classes, "fingerprint": teacher_fingerprint(recipe),
+        })
+    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in keys})
+    accelerator.wait_for_everyone()
+    return best
+
+
+def evaluate_dir(recipe, accelerator, model_dir: Path, split, num_classes: int) -> dict:
+    """The validation metrics of a saved model (or ensemble), with its own eval transform."""
+    model, pre, _ = load_model(model_dir)
+    transform = build_transform(recipe.teacher.augment.eval, "eval", pre, where="teacher.augment.eval")
+    loader = accelerator.prepare(make_loader(ImageDataset(split, transform), recipe.teacher.eval_batch_size
+                                             or recipe.teacher.batch_size, recipe, train=False,
+                                             world_size=accelerator.num_processes))
+    with torch.inference_mode(), accelerator.autocast():
+        return evaluate(model.to(accelerator.device), loader, accelerator, num_classes)
+
+
+def write_oof(recipe, accelerator, train_split, folds: np.ndarray, fold_dirs: list[Path], path: Path) -> None:
+    """teacher/oof.safetensors: `logits` [N, K] float32, row i from the fold teacher that held image i out,
+    and `fold` [N]: honest predictions on the training images, for `distill audit`."""
+    logits = None
+    for f, d in enumerate(fold_dirs):
+        rows = np.flatnonzero(folds == f)
+        model, pre, _ = load_model(d)
+        transform = build_transform(recipe.teacher.augment.eval, "eval", pre, where="teacher.augment.eval")
+        loader = accelerator.prepare(make_loader(ImageDataset(train_split.subset(rows), transform),
+                                                 recipe.teacher.eval_batch_size or recipe.teacher.batch_size,
+                                                 recipe, train=False, world_size=accelerator.num_processes))
+        with torch.inference_mode(), accelerator.autocast():
+            fold_logits, _ = predict(model.to(accelerator.device), loader, accelerator)
+        if logits is None:
+            logits = torch.zeros(len(train_split), fold_logits.shape[1])
+        logits[torch.from_numpy(rows)] = fold_logits.float()
+    if accelerator.is_main_process:
+        save_file({"logits": logits.contiguous(), "fold": torch.from_numpy(folds)}, str(path))
+    accelerator.wait_for_everyone()
 
 
 def export_targets(recipe, accelerator, rebuild: bool) -> dict:
@@ -261,6 +389,13 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
 
 def teacher_fingerprint(recipe) -> str:
     return stage_fingerprint(recipe.seed, recipe.data, recipe.teacher)
+
+
+def _wall_seconds(model_dir: Path) -> float:
+    try:
+        return float(json.loads((model_dir / "metrics.json").read_text()).get("wall_seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def _has_files(path: Path) -> bool:
