@@ -23,6 +23,7 @@ import csv
 import io
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -153,28 +154,36 @@ def load_run(run_dir: Path):
     return recipe, train, val
 
 
-def oof_predictions(path: Path, n: int, classes: list[str]) -> tuple[np.ndarray, str]:
-    """Out-of-fold logits [n, K] from a k-fold teacher's file, checked against the training split."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def oof_predictions(path: Path, n: int, classes: list[str]) -> tuple[Iterator[np.ndarray], str]:
+    """Out-of-fold logits, CHUNK samples at a time, from a k-fold teacher's file checked against the split."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            names = set(f.keys())
+            shape = f.get_slice("logits").get_shape() if "logits" in names else None
+            dtype = f.get_slice("logits").get_dtype() if "logits" in names else None
+            folds = len(np.unique(f.get_tensor("fold"))) if "fold" in names else None
     except (OSError, SafetensorError) as e:
         raise DistillError(f"{path}: unreadable ({e}); re-run the k-fold teacher stage, or remove the file to "
                            "audit with the in-sample teacher") from None
-    logits = tensors.get("logits")
-    if logits is None or logits.shape != (n, len(classes)):
-        found = "no tensor 'logits'" if logits is None else f"logits of shape {list(logits.shape)}"
-        raise DistillError(f"{path}: {found}, but the training split has {n} samples of {len(classes)} classes; "
-                           "re-run the k-fold teacher stage for this recipe")
-    folds = len(np.unique(tensors["fold"])) if "fold" in tensors else None
-    about = f"{OUT_OF_FOLD} ({folds}-fold teacher, {path})" if folds else f"{OUT_OF_FOLD} ({path})"
-    return logits.astype(np.float32), about
+    if shape != [n, len(classes)] or dtype not in ("F16", "F32", "F64"):
+        found = "no tensor 'logits'" if shape is None else f"logits of shape {shape} and dtype {dtype}"
+        raise DistillError(f"{path}: {found}, but the training split has {n} samples of {len(classes)} classes "
+                           "(float32 logits expected); re-run the k-fold teacher stage for this recipe")
+
+    def chunks():
+        with safe_open(str(path), framework="numpy") as f:
+            logits = f.get_slice("logits")
+            for lo in range(0, n, CHUNK):
+                yield logits[lo:min(n, lo + CHUNK)]
+
+    return chunks(), f"{OUT_OF_FOLD} ({f'{folds}-fold teacher, ' if folds else ''}{path})"
 
 
-def store_predictions(run_dir: Path, recipe, train, val) -> tuple[np.ndarray, str]:
-    """In-sample logits [n, K]: the store's center view of each training sample (the teacher's test view)."""
+def store_predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.ndarray], str]:
+    """In-sample logits, CHUNK samples at a time: the store's center view of each training sample (the
+    teacher's test view), after checking that the store was built from the data the recipe gives now."""
     from distill.data import load_unlabeled
     from distill.targets import Samples, TargetStore, dataset_fingerprint
 
@@ -187,22 +196,32 @@ def store_predictions(run_dir: Path, recipe, train, val) -> tuple[np.ndarray, st
                            "gives (images, labels or their order changed since); run distill run again to "
                            "retrain on the current data, then audit")
     center, n = store.manifest["center_view"], len(train)
-    parts = [store.rows(np.arange(lo, min(n, lo + CHUNK)), center)["logits"] for lo in range(0, n, CHUNK)]
-    return np.concatenate(parts) if parts else np.zeros((0, store.num_classes), np.float32), \
-        f"{IN_SAMPLE} (center views of {run_dir / 'targets'})"
+    chunks = (store.rows(np.arange(lo, min(n, lo + CHUNK)), center)["logits"] for lo in range(0, n, CHUNK))
+    return chunks, f"{IN_SAMPLE} (center views of {run_dir / 'targets'})"
 
 
-def predictions(run_dir: Path, recipe, train, val) -> tuple[np.ndarray, str, str]:
-    """(logits [n, K], source, what it is): out-of-fold when the file exists, else the store's in-sample."""
+def predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.ndarray], str, str]:
+    """(logits in chunks of samples, source, what it is): out-of-fold when the file exists, else in-sample."""
     oof = run_dir / "teacher" / OOF_FILE
     if oof.is_file():
-        logits, about = oof_predictions(oof, len(train), train.classes)
-        return logits, OUT_OF_FOLD, about
+        chunks, about = oof_predictions(oof, len(train), train.classes)
+        return chunks, OUT_OF_FOLD, about
     if (run_dir / "targets" / "manifest.json").is_file():
-        logits, about = store_predictions(run_dir, recipe, train, val)
-        return logits, IN_SAMPLE, about
+        chunks, about = store_predictions(run_dir, recipe, train, val)
+        return chunks, IN_SAMPLE, about
     raise DistillError(f"{run_dir}: no teacher predictions (neither teacher/{OOF_FILE} nor targets/manifest.json); "
                        f"run distill run {run_dir / 'config.yaml'} (or distill teach) first")
+
+
+def teacher_stats(chunks: Iterable[np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """`per_sample` over every chunk of logits, joined: three numbers per sample, whatever K is."""
+    parts, lo = [], 0
+    for logits in chunks:
+        parts.append(per_sample(softmax(logits), labels[lo:lo + len(logits)]))
+        lo += len(logits)
+    if not parts:
+        return {"p_given": np.zeros(0), "teacher": np.zeros(0, np.int64), "p_teacher": np.zeros(0)}
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
 # --- outputs -----------------------------------------------------------------------------
@@ -261,12 +280,12 @@ def grid_figure(rows: list[dict], total: int, train, source: str, columns: int =
     from matplotlib.figure import Figure
 
     columns = max(1, min(columns, len(rows)))
-    lines = max(1, -(-len(rows) // columns))
-    fig = Figure(figsize=(1.7 * columns, 2.0 * lines + 0.5), dpi=100)
+    grid_rows = max(1, -(-len(rows) // columns))
+    fig = Figure(figsize=(1.7 * columns, 2.0 * grid_rows + 0.5), dpi=100)
     title = f"noisy-label audit: top {len(rows)} of {total} suspects ({source} teacher)"
     fig.suptitle(title if total else f"noisy-label audit: no suspects ({source} teacher)", fontsize=10)
     for k, r in enumerate(rows):
-        ax = fig.add_subplot(lines, columns, k + 1)
+        ax = fig.add_subplot(grid_rows, columns, k + 1)
         ax.imshow(thumbnail(train.load(r["index"])))
         ax.set_title(f"#{r['rank']} given {r['given_label']} /\nteacher {r['teacher_label']} "
                      f"{r['teacher_confidence']:.2f}", fontsize=7)
@@ -294,9 +313,9 @@ def main(argv=None):
     run_dir = Path(args.run)
     out = Path(args.out) if args.out else run_dir / "audit.csv"
     recipe, train, val = load_run(run_dir)
-    logits, source, about = predictions(run_dir, recipe, train, val)
+    chunks, source, about = predictions(run_dir, recipe, train, val)
 
-    stats = per_sample(softmax(logits), train.labels)
+    stats = teacher_stats(chunks, train.labels)
     thresholds = class_thresholds(stats["p_given"], train.labels, len(train.classes))
     index, scores = suspects(stats["p_given"], stats["teacher"], stats["p_teacher"], train.labels, thresholds,
                              args.min_confidence)
@@ -304,6 +323,7 @@ def main(argv=None):
     rows = audit_rows(index, scores, stats, train, source)
     text = summary(rows, len(train), estimate, source, about, args.min_confidence)
 
+    figure = grid_figure(rows[:args.top], len(rows), train, source)  # reads images: may fail, so before writing
     write_csv(out, rows)
     write_json(out.with_suffix(".json"), {
         "source": source, "predictions": about, "warning": IN_SAMPLE_WARNING if source == IN_SAMPLE else None,
@@ -311,7 +331,6 @@ def main(argv=None):
                   "p_given", "min_confidence": args.min_confidence, "num_audited": len(train),
         "num_suspects": len(rows), "estimated_wrong_labels": round(estimate, 1), "thresholds": dict(zip(train.classes, thresholds.round(4).tolist())),
         "pairs": [{"given": g, "teacher": t, "count": c} for g, t, c in pair_counts(rows)]})
-    figure = grid_figure(rows[:args.top], len(rows), train, source)
     figure.savefig(out.with_suffix(".png"))
     to_tensorboard(run_dir / "tb" / "audit", figure, text)
     print(text)

@@ -49,6 +49,9 @@ def find_models(run_dir: Path) -> list[tuple[str, Path]]:
     found = []
     if (run_dir / "teacher" / "metrics.json").is_file():
         found.append(("teacher", run_dir / "teacher"))
+        # an ensemble teacher: each member too (k-fold teachers, models trained elsewhere)
+        for member in json.loads((run_dir / "teacher" / "metrics.json").read_text()).get("members", []):
+            found.append((f"teacher:{member['name']}", Path(member["dir"])))
     for d in sorted((run_dir / "students").glob("*/")):
         if (d / "metrics.json").is_file():
             found.append((d.name, d))
@@ -83,10 +86,13 @@ def measure_speed(model_dir: Path, repeats: int = 20, tta: TTAConfig | None = No
 
 def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
     m = json.loads((model_dir / "metrics.json").read_text())
+    if role.startswith("teacher:"):  # an ensemble member: its metrics on this run's validation split
+        ensemble = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+        m = {**m, **next(x for x in ensemble["members"] if f"teacher:{x['name']}" == role)}
     latency, throughput = measure_speed(model_dir) if speed else (None, None)
     mix = m.get("mix") or {}
     mix_text = "+".join(k.split("_")[0] for k in ("mixup_alpha", "cutmix_alpha") if mix.get(k)) or "-"
-    student = role != "teacher"
+    student = not role.startswith("teacher")
     distilled = student and m.get("kd_loss") not in (None, "none")
     return {
         "run": run_dir.name, "model": m.get("model"), "role": role,
@@ -98,6 +104,7 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
         "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
         "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"),
         "_reason": m.get("ls_reason") if not m.get("fixres") else None, "_fixres": m.get("fixres"),
+        "_folds": m.get("folds") if role == "teacher" else None,
     }
 
 
@@ -148,7 +155,7 @@ def with_tta_rows(run_dir: Path, rows: list[dict], models: list[tuple[str, Path]
     for row, (role, model_dir) in zip(rows, models):
         print(f"tta: {run_dir.name}/{role}: {len(split)} val images x {num_views(tta)} views", flush=True)
         # the teacher was evaluated with the recipe's teacher.augment.eval, students with the default
-        augment = recipe.teacher.augment.eval if role == "teacher" else None
+        augment = recipe.teacher.augment.eval if role.startswith("teacher") else None
         out += [row, tta_row(row, model_dir, split, tta, speed, augment)]
     return out
 
@@ -167,6 +174,12 @@ def markdown(rows: list[dict]) -> str:
     reasons = [f"- {r['run']}/{r['role']}: {r['_reason']}" for r in rows if r.get("_reason")]
     if reasons:
         lines += ["", "Label-smoothing / KD policy decisions:", *reasons]
+    for r in rows:
+        if r.get("_folds"):
+            f = r["_folds"]
+            lines += ["", (f"{r['run']}: {f['k']}-fold teacher, held-out folds: top1 {f['top1_mean']:.4f} ± "
+                          f"{f['top1_std']:.4f}, macro_f1 {f['macro_f1_mean']:.4f} ± {f['macro_f1_std']:.4f} "
+                          "(the `teacher` row is their ensemble; `teacher:fold-<f>` rows are on the validation split)")]
     fixres = [r for r in rows if r.get("_fixres")]
     if fixres:
         lines += ["", "FixRes: val top-1 before -> after the fine-tune, at each resolution:"]

@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from distill.audit import (
+    COLUMNS,
     IN_SAMPLE,
     OUT_OF_FOLD,
     class_thresholds,
@@ -20,6 +21,7 @@ from distill.audit import (
     precision_at,
     softmax,
     suspects,
+    teacher_stats,
 )
 from distill.audit import main as audit_main
 from distill.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
@@ -40,7 +42,7 @@ def synthetic(n=2000, k=10, flip=0.05, noise=1.0, seed=0):
     return logits, given, flipped
 
 
-def audit(logits, given, k=10, min_confidence=0.0):
+def flag(logits, given, k=10, min_confidence=0.0):
     stats = per_sample(softmax(logits), given)
     thresholds = class_thresholds(stats["p_given"], given, k)
     ranked, scores = suspects(stats["p_given"], stats["teacher"], stats["p_teacher"], given, thresholds,
@@ -51,7 +53,7 @@ def audit(logits, given, k=10, min_confidence=0.0):
 # --- scoring -----------------------------------------------------------------------------------
 def test_flipped_labels_rank_first_and_clean_ones_score_low():
     logits, given, flipped = synthetic()
-    stats, thresholds, ranked, scores = audit(logits, given)
+    stats, thresholds, ranked, scores = flag(logits, given)
     assert np.all(np.diff(scores) <= 0)
     # measured: precision 1.00 at 20, 50 and over all 62 suspects; 62 of the 100 flips are flagged
     assert precision_at(ranked, flipped, 20) == 1.0
@@ -69,7 +71,7 @@ def test_flipped_labels_rank_first_and_clean_ones_score_low():
 
 def test_clean_labels_give_almost_no_suspects():
     logits, given, _ = synthetic(flip=0.0)
-    _, _, ranked, _ = audit(logits, given, min_confidence=0.5)
+    _, _, ranked, _ = flag(logits, given, min_confidence=0.5)
     assert len(ranked) <= 0.01 * len(given)  # only the teacher's own confident mistakes
 
 
@@ -95,6 +97,13 @@ def test_a_suspect_needs_the_teacher_label_above_its_threshold_and_min_confidenc
     assert ranked.tolist() == [5, 1] and np.allclose(scores, [0.96, 0.7])
     ranked, _ = suspects(stats["p_given"], stats["teacher"], stats["p_teacher"], labels, thresholds, 0.85)
     assert ranked.tolist() == [5]
+
+
+def test_stats_read_in_chunks_equal_stats_of_the_whole():
+    logits, given, _ = synthetic(n=500)
+    whole = per_sample(softmax(logits), given)
+    joined = teacher_stats((logits[lo:lo + 64] for lo in range(0, 500, 64)), given)
+    assert all(np.array_equal(whole[k], joined[k]) for k in whole)
 
 
 def test_softmax_is_stable_for_large_logits():
@@ -230,6 +239,24 @@ def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
     assert row["index"] == "7" and row["source"] == OUT_OF_FOLD
     assert row["teacher_label"] == sorted(CLASSES)[other] and float(row["teacher_confidence"]) > 0.99
     assert (tmp_path / "oof.png").is_file() and json.loads((tmp_path / "oof.json").read_text())["warning"] is None
+
+
+def test_a_teacher_that_agrees_everywhere_gives_an_empty_list(noisy_run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    run_dir, _ = noisy_run
+    labels = train_labels(run_dir)
+    logits = torch.nn.functional.one_hot(torch.tensor(labels), len(CLASSES)).float() * 8
+    oof = run_dir / "teacher" / "oof.safetensors"
+    save_file({"logits": logits, "fold": torch.arange(len(labels)) % 3}, str(oof))
+    try:
+        audit_main([str(run_dir), "--out", str(tmp_path / "none.csv")])
+    finally:
+        oof.unlink()
+    assert "suspects: 0 (0.0%)" in capsys.readouterr().out
+    assert (tmp_path / "none.csv").read_text().splitlines() == [",".join(COLUMNS)]
+    assert (tmp_path / "none.png").is_file()
 
 
 def one_error_line(capsys, argv) -> str:

@@ -126,6 +126,9 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
     store = json.loads((tmp_path / "tiny-timm" / "targets" / "manifest.json").read_text())
     assert store["teacher"]["sha256"] == json.loads((teacher / "model.json").read_text())["sha256"]
     assert (tmp_path / "tiny-timm" / "students" / "s" / "metrics.json").is_file()
+    table = (tmp_path / "tiny-timm" / "comparison.md").read_text()  # each member and the ensemble, one table
+    assert "| teacher |" in table and all(f"| teacher:fold-{f} |" in table for f in range(3))
+    assert "3-fold teacher, held-out folds: top1" in table
 
     # another recipe's ensemble: its own teacher plus fold-0 of this one
     recipe["name"] = "joined"
