@@ -181,9 +181,10 @@ def oof_predictions(path: Path, n: int, classes: list[str]) -> tuple[Iterator[np
     return chunks(), f"{OUT_OF_FOLD} ({f'{folds}-fold teacher, ' if folds else ''}{path})"
 
 
-def store_predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.ndarray], str]:
-    """In-sample logits, CHUNK samples at a time: the store's center view of each training sample (the
-    teacher's test view), after checking that the store was built from the data the recipe gives now."""
+def store_predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.ndarray], str, str]:
+    """Logits, CHUNK samples at a time: the store's center view of each training sample (the teacher's test
+    view), after checking that the store was built from the data the recipe gives now; and their source,
+    in-sample unless the store was exported out-of-fold (targets.oof)."""
     from distill.data import load_unlabeled
     from distill.targets import Samples, TargetStore, dataset_fingerprint
 
@@ -197,18 +198,19 @@ def store_predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.nd
                            "retrain on the current data, then audit")
     center, n = store.manifest["center_view"], len(train)
     chunks = (store.rows(np.arange(lo, min(n, lo + CHUNK)), center)["logits"] for lo in range(0, n, CHUNK))
-    return chunks, f"{IN_SAMPLE} (center views of {run_dir / 'targets'})"
+    source = OUT_OF_FOLD if store.manifest["logits"].get("source") == OUT_OF_FOLD else IN_SAMPLE
+    return chunks, source, f"{source} (center views of {run_dir / 'targets'})"
 
 
 def predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.ndarray], str, str]:
-    """(logits in chunks of samples, source, what it is): out-of-fold when the file exists, else in-sample."""
+    """(logits in chunks of samples, source, what it is): the k-fold teacher's out-of-fold file when it exists,
+    else the soft-target store."""
     oof = run_dir / "teacher" / OOF_FILE
     if oof.is_file():
         chunks, about = oof_predictions(oof, len(train), train.classes)
         return chunks, OUT_OF_FOLD, about
     if (run_dir / "targets" / "manifest.json").is_file():
-        chunks, about = store_predictions(run_dir, recipe, train, val)
-        return chunks, IN_SAMPLE, about
+        return store_predictions(run_dir, recipe, train, val)
     raise DistillError(f"{run_dir}: no teacher predictions (neither teacher/{OOF_FILE} nor targets/manifest.json); "
                        f"run distill run {run_dir / 'config.yaml'} (or distill teach) first")
 

@@ -489,6 +489,35 @@ class Ensemble(nn.Module):
         return torch.logsumexp(torch.log_softmax(outs, -1), 0) - math.log(len(outs))
 
 
+class OutOfFold(nn.Module):
+    """Soft targets that never come from a model trained on the image's label (targets.oof): labeled sample i
+    goes to the fold teacher that held it out (`folds[i]`, the members' order); any other sample (unlabeled
+    images, after the labeled ones) to the whole ensemble."""
+
+    routes_by_sample = True
+
+    def __init__(self, ensemble: Ensemble, folds: torch.Tensor):
+        super().__init__()
+        self.ensemble, self.folds = ensemble, folds
+
+    def forward(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        fold = torch.full_like(sample_ids, -1)
+        labeled = sample_ids < len(self.folds)
+        fold[labeled] = self.folds[sample_ids[labeled]]
+        fold = fold.to(x.device)
+        out = None
+        for f in fold.unique().tolist():
+            rows = fold == f
+            if f < 0:
+                z = self.ensemble(x[rows])
+            else:
+                member, p = self.ensemble.members[f], self.ensemble.pres[f]
+                z = member(self.ensemble.member_input(x[rows], p)).float()
+            out = z.new_empty(len(x), z.shape[-1]) if out is None else out
+            out[rows] = z
+        return out
+
+
 def save_ensemble(out_dir, member_dirs: list, combine: str, classes: list[str], extra: dict | None = None) -> dict:
     """Write out_dir/model.json describing an ensemble of saved models (no weights of its own): `load_model`
     rebuilds it. Its sha256 is that of its members' sha256s and the combine rule, so a store made by another

@@ -189,6 +189,9 @@ class TargetsConfig:
     shard_size: int = field(default=4096, metadata=_at_least(1))  # samples per shard
     batch_size: int = field(default=64, metadata=_at_least(1, 65_536))  # samples per teacher batch (x (views + 1))
     seed: int | None = None  # null: the recipe's seed
+    # with teacher.folds: a labeled image's targets come from the fold teacher that held it out (never from a
+    # model trained on its label); unlabeled images get the fold ensemble's
+    oof: bool = False
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,8 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not s.model.startswith(("hf:", "timm:")):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
+    if recipe.targets.oof and not recipe.teacher.folds:
+        raise DistillError("targets.oof: out-of-fold targets need fold teachers; set teacher.folds (e.g. 5)")
     if recipe.data.group_column is not None and recipe.data.source != "csv":
         raise DistillError(f"data.group_column: only a csv source has columns; data.source is {recipe.data.source!r}")
     for i, scale in enumerate(recipe.tta.scales):

@@ -181,11 +181,13 @@ def view_spec(spec, seed: int) -> dict:
 
 def logits_spec(spec, num_classes: int) -> dict:
     full = spec.logits == "full" or (spec.logits == "auto" and num_classes <= spec.full_max_classes)
+    # out-of-fold targets are other logits of the same teacher: part of the spec, so of the store's fingerprint
+    source = {"source": "out-of-fold"} if getattr(spec, "oof", False) else {}
     if full:
-        return {"storage": "full", "dtype": "float16"}
+        return {"storage": "full", "dtype": "float16", **source}
     k = min(spec.topk, num_classes)
     return {"storage": "topk", "dtype": "float16", "k": k, "index_dtype": "int16" if num_classes < 2**15 else "int32",
-            "lse": "float32"}
+            "lse": "float32", **source}
 
 
 def fingerprint(teacher_sha256: str, dataset: str, views: dict, logits: dict, shard_size: int) -> str:
@@ -288,13 +290,17 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
         loader = DataLoader(_TeacherViews(samples, spec, seed, pre, first, last), batch_size=spec.batch_size,
                             num_workers=num_workers)
         parts = {"params": [], "label": [], "logits": []}
+        sample = first
         for x, params, labels in loader:
             t0 = time.perf_counter()
             # channels-last: a DataLoader worker hands over NCHW copies, on which oneDNN's depthwise
             # convolutions (EfficientNet, MobileNet teachers) run ~3x slower (benchmarks/export.py)
+            ids = torch.arange(sample, sample + len(labels)).repeat_interleave(x.shape[1])
+            sample += len(labels)
             x = x.flatten(0, 1).to(accelerator.device, memory_format=torch.channels_last)
             with torch.inference_mode(), accelerator.autocast():
-                z = model(x)
+                # a model that routes by sample (models.OutOfFold) is told which sample each row is
+                z = model(x, ids) if getattr(model, "routes_by_sample", False) else model(x)
             parts["logits"].append(z.float().cpu())  # float32 before any rounding, top-k or log-sum-exp
             forward_seconds += time.perf_counter() - t0
             parts["params"].append(params.flatten(0, 1))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from distill import targets
@@ -31,6 +31,8 @@ from distill.evaluate import evaluate, predict
 from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import (
+    Ensemble,
+    OutOfFold,
     build_model,
     count_params,
     load_model,
@@ -380,6 +382,12 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
     if info["classes"] != train_split.classes:
         raise DistillError(f"targets: the teacher in {teacher_dir} was trained on classes {info['classes'][:5]}…, "
                            f"the data has {train_split.classes[:5]}…; fine-tune the teacher on this data first")
+    if recipe.targets.oof:
+        oof_file = teacher_dir / "oof.safetensors"
+        if not isinstance(model, Ensemble) or not oof_file.is_file():
+            raise DistillError(f"targets.oof: {teacher_dir} holds no fold teachers ({oof_file} is missing); train "
+                               "them with teacher.folds")
+        model = OutOfFold(model, load_file(str(oof_file))["fold"])
     seed = recipe.seed if recipe.targets.seed is None else recipe.targets.seed
     return targets.export(model.to(accelerator.device), pre, targets.Samples(train_split, unlabeled),
                           train_split.classes, recipe.targets, seed, recipe.run_dir / "targets", accelerator,

@@ -89,7 +89,7 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny-timm.yaml").read_text())
     recipe["data"] = {"source": "csv", "root": str(grouped_csv), "val_fraction": 0.25, "group_column": "person"}
     recipe["teacher"].update(epochs=1, folds=3, batch_size=32)
-    recipe["targets"] = {"views": 1}
+    recipe["targets"] = {"views": 1, "oof": True}
     recipe["students"] = [{"name": "s", "model": "timm:resnet10t", "resolution": 28, "epochs": 1, "batch_size": 32}]
     recipe["log"] = {"progress": False}
     path = tmp_path / "kfold.yaml"
@@ -125,6 +125,18 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
 
     store = json.loads((tmp_path / "tiny-timm" / "targets" / "manifest.json").read_text())
     assert store["teacher"]["sha256"] == json.loads((teacher / "model.json").read_text())["sha256"]
+    assert store["logits"]["source"] == "out-of-fold"
+    # targets.oof: a labeled image's stored logits are its held-out fold teacher's, not the ensemble's
+    from distill.targets import TargetStore, render, to_tensor
+    targets_store = TargetStore(tmp_path / "tiny-timm" / "targets")
+    ensemble, pre, _ = load_model(teacher)
+    for i in (0, 1, len(train) - 1):
+        row = targets_store.row(i, targets_store.manifest["center_view"])
+        x = to_tensor(render(train.load(i), row["params"], pre.input_size, pre.interpolation), pre)[None]
+        fold_model = load_model(teacher / f"fold-{folds[i]}")[0].eval()
+        with torch.inference_mode():
+            assert torch.allclose(fold_model(x)[0], torch.from_numpy(row["logits"]), atol=2e-2)
+            assert not torch.allclose(ensemble(x)[0], torch.from_numpy(row["logits"]), atol=2e-2)
     assert (tmp_path / "tiny-timm" / "students" / "s" / "metrics.json").is_file()
     table = (tmp_path / "tiny-timm" / "comparison.md").read_text()  # each member and the ensemble, one table
     assert "| teacher |" in table and all(f"| teacher:fold-{f} |" in table for f in range(3))
@@ -133,6 +145,7 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
     # another recipe's ensemble: its own teacher plus fold-0 of this one
     recipe["name"] = "joined"
     recipe["teacher"].update(folds=None, ensemble_with=[str(teacher / "fold-0")], ensemble_combine="logits")
+    recipe["targets"] = {"views": 1}
     recipe["students"] = []
     path.write_text(yaml.safe_dump(recipe))
     r = subprocess.run(["distill", "teach", str(path), f"output_dir={tmp_path}"], cwd=ROOT, env=ENV,
