@@ -200,6 +200,15 @@ def _hf_class(config):
     for name in getattr(config, "architectures", None) or []:
         if "ForImageClassification" in name and hasattr(transformers, name):
             return getattr(transformers, name)
+    # the model type's own classifier: transformers 5's AutoModelForImageClassification.from_config fails
+    # with a TypeError on a config without `architectures` (a hand-written hf_config)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if isinstance(name, (tuple, list)):
+        name = name[0]
+    if name and hasattr(transformers, name):
+        return getattr(transformers, name)
     return transformers.AutoModelForImageClassification
 
 

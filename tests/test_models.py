@@ -74,6 +74,17 @@ def test_hf_config_without_card_uses_image_size_and_imagenet_defaults():
     assert model(torch.randn(1, 3, 40, 40)).shape == (1, 4)
 
 
+def test_hf_config_of_a_model_type_without_architectures_builds_its_classifier():
+    """transformers 5's AutoModelForImageClassification.from_config fails on a DeiT config that names no
+    architecture; the model type's own classifier is used instead."""
+    cfg = TeacherConfig(model="hf:deit", pretrained=False, hf_config={
+        "model_type": "deit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64})
+    model, _ = build_model(cfg, 3)
+    assert type(model.hf).__name__ == "DeiTForImageClassification"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
 def test_hf_local_dir_reads_its_preprocessor_and_replaces_the_head(tmp_path):
     import transformers
 
