@@ -26,20 +26,16 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from distill import losses
-from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
+from distill import loop, losses
+from distill.checkpoint import Checkpoints, Progress, epoch_batches
 from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
-from distill.mix import mix_images, mix_targets, rescale, sample_mix
+from distill.mix import mix_images, mix_targets, rescale
 from distill.models import build_model, check_model_name, count_params, load_model, param_groups, save_model
 from distill.recipe import OptimConfig, dump_recipe, load_recipe, to_plain
 from distill.runs import (
-    batch_rng,
-    better,
-    finite_or_skip,
     hparams,
-    kept,
     log_hparams,
     make_loader,
     make_optimizer,
@@ -296,81 +292,25 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
         prog = Progress()
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
-    with StopSignal() as stop:
-        for epoch in range(prog.epoch, prog.epoch if prog.stopped_early else cfg.epochs):
-            model.train()
-            skip = prog.batch if epoch == prog.epoch else 0
-            batches = epoch_batches(accelerator, train_loader, sampler, replay, epoch, skip)
-            epoch_start, epoch_images = time.perf_counter(), 0
-            bar = tqdm(batches, desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}", leave=False, initial=skip,
-                       total=len(train_loader),
-                       disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
-            for i, batch in enumerate(bar, start=skip):
-                x, y = batch[:2]
-                with accelerator.accumulate(model):
-                    mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
-                    x = mix_images(x, mix)
-                    target = batch_target(batch, mix, teacher, kd, temperature, accelerator, prog.mix_kl)
-                    parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix,
-                                         weights, imb.focal_gamma)
-                    if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
-                                          cfg.optim.max_bad_steps, where, kept(out_dir, prog.best)):
-                        optimizer.zero_grad()
-                        continue
-                    accelerator.backward(parts["loss"])
-                    if accelerator.sync_gradients and cfg.optim.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                epoch_images += len(y) * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                prog.step += 1
-                scheduler.step_update(prog.step)
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=prog.step)
-                if prog.step % recipe.log.every_steps == 0 or prog.step == total_updates:
-                    logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
-                    logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)
-                    if prog.mix_kl:
-                        logged["train/mix_approx_kl"] = prog.mix_kl[-1]
-                    accelerator.log(logged, step=prog.step)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
-                signum = stop.requested(accelerator)
-                if signum or checkpoints.due(prog.step):
-                    prog.epoch, prog.batch = epoch, i + 1
-                    path = checkpoints.save(prog, ema)
-                    if signum:
-                        raise stop.stop(where, prog.step, epoch, path)
-            prog.train_seconds += time.perf_counter() - epoch_start
-            prog.train_images += epoch_images
-            prog.epoch, prog.batch = epoch + 1, 0
 
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                evaluated = ema.module if ema is not None else model
-                metrics = evaluate(evaluated, val_loader, accelerator, num_classes)
-                metrics["epoch"] = epoch + 1
-                prog.history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
-                accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")},
-                                step=prog.step)
-                accelerator.print(f"{cfg.name} epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 "
-                                  f"{metrics['macro_f1']:.4f} ({prog.train_images / prog.train_seconds:.0f} "
-                                  "train img/s)")
-                if prog.best is None or better(metrics, prog.best, cfg.select_by):
-                    prog.best, prog.stale_evals = metrics, 0
-                    if accelerator.is_main_process:
-                        save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir,
-                                   classes, extra={"student": cfg.name})
-                else:
-                    prog.stale_evals += 1
-                    prog.stopped_early = cfg.patience is not None and prog.stale_evals >= cfg.patience
-            path = checkpoints.save(prog, ema)  # after the best checkpoint, which it records
-            if stop.requested(accelerator):
-                raise stop.stop(where, prog.step, epoch, path)
-            if prog.stopped_early:
-                accelerator.print(f"{cfg.name}: no better val {cfg.select_by} in {cfg.patience} evaluation(s): "
-                                  f"stopped after epoch {epoch + 1} ({where}.patience)")
-                break
+    def loss_fn(batch, mix):
+        x = mix_images(batch[0], mix)
+        target = batch_target(batch, mix, teacher, kd, temperature, accelerator, prog.mix_kl)
+        parts = student_loss(model(x), batch[1], target, kd, temperature, num_classes, cfg.label_smoothing, mix,
+                             weights, imb.focal_gamma)
+        if prog.mix_kl:  # online KD: how far the cached-mixing approximation is from the teacher's output
+            parts["mix_approx_kl"] = torch.tensor(prog.mix_kl[-1], device=accelerator.device)
+        return parts
+
+    def save_best():
+        save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir, classes,
+                   extra={"student": cfg.name})
+
+    prog = loop.train(accelerator, recipe, cfg, where, cfg.name, model=model, optimizer=optimizer,
+                      scheduler=scheduler, train_loader=train_loader, sampler=sampler, dataset=replay,
+                      val_loader=val_loader, num_classes=num_classes, total_updates=total_updates, seed=seed,
+                      out_dir=out_dir, checkpoints=checkpoints, prog=prog, loss_fn=loss_fn, save_best=save_best,
+                      ema=ema)
     best, mix_kl = prog.best, prog.mix_kl
 
     settings = {

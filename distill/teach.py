@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -21,15 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from distill import targets
-from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches
+from distill import loop, targets
+from distill.checkpoint import Checkpoints, Progress
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate, predict
 from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
-from distill.mix import mix_images, mix_targets, sample_mix
+from distill.mix import mix_images, mix_targets
 from distill.models import (
     Ensemble,
     OutOfFold,
@@ -43,12 +41,8 @@ from distill.models import (
 )
 from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.runs import (
-    batch_rng,
-    better,
     finished,
-    finite_or_skip,
     hparams,
-    kept,
     log_hparams,
     make_loader,
     make_optimizer,
@@ -161,74 +155,19 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
     if prog is None:
         checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
         prog = Progress()
-    with StopSignal() as stop:
-        for epoch in range(prog.epoch, prog.epoch if prog.stopped_early else cfg.epochs):
-            model.train()
-            skip = prog.batch if epoch == prog.epoch else 0
-            batches = epoch_batches(accelerator, train_loader, sampler, train_ds, epoch, skip)
-            epoch_start, epoch_images = time.perf_counter(), 0
-            bar = tqdm(batches, desc=f"teacher {epoch + 1}/{cfg.epochs}", leave=False, initial=skip,
-                       total=len(train_loader),
-                       # None: tqdm hides itself when stderr is not a terminal (CI logs, files)
-                       disable=None if recipe.log.progress and accelerator.is_local_main_process else True)
-            for i, (x, y) in enumerate(bar, start=skip):
-                with accelerator.accumulate(model):
-                    mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(recipe.seed, accelerator.process_index, epoch, i))
-                    parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix,
-                                         weights, cfg.imbalance.focal_gamma)
-                    if not finite_or_skip(parts["loss"], accelerator, prog.bad_steps, prog.step + 1,
-                                          cfg.optim.max_bad_steps, "teacher", kept(out_dir, prog.best)):
-                        optimizer.zero_grad()
-                        continue
-                    accelerator.backward(parts["loss"])
-                    if accelerator.sync_gradients and cfg.optim.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                epoch_images += len(y) * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                prog.step += 1
-                scheduler.step_update(prog.step)
-                if prog.step % recipe.log.every_steps == 0 or prog.step == total_updates:
-                    logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
-                    logged["train/lr"] = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the rest
-                    accelerator.log(logged, step=prog.step)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}", lr=f"{logged['train/lr']:.1e}")
-                signum = stop.requested(accelerator)
-                if signum or checkpoints.due(prog.step):
-                    prog.epoch, prog.batch = epoch, i + 1
-                    path = checkpoints.save(prog)
-                    if signum:
-                        raise stop.stop("teacher", prog.step, epoch, path)
-            prog.train_seconds += time.perf_counter() - epoch_start
-            prog.train_images += epoch_images
-            prog.epoch, prog.batch = epoch + 1, 0
 
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics = evaluate(model, val_loader, accelerator, num_classes)
-                metrics["epoch"] = epoch + 1
-                prog.history.append({k: metrics[k] for k in ("epoch", "top1", "top5", "macro_f1", "nll", "ece")})
-                accelerator.log({f"val/{k}": metrics[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")},
-                                step=prog.step)
-                accelerator.print(f"epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 "
-                                  f"{metrics['macro_f1']:.4f} nll {metrics['nll']:.4f} "
-                                  f"({prog.train_images / prog.train_seconds:.0f} train img/s)")
-                if prog.best is None or better(metrics, prog.best, cfg.select_by):
-                    prog.best, prog.stale_evals = metrics, 0
-                    if accelerator.is_main_process:
-                        save_model(accelerator.unwrap_model(model), pre, out_dir, classes,
-                                   extra=_smoothing_record(recipe))
-                else:
-                    prog.stale_evals += 1
-                    prog.stopped_early = cfg.patience is not None and prog.stale_evals >= cfg.patience
-            path = checkpoints.save(prog)  # after the best checkpoint, which it records
-            if stop.requested(accelerator):
-                raise stop.stop("teacher", prog.step, epoch, path)
-            if prog.stopped_early:
-                accelerator.print(f"teacher: no better val {cfg.select_by} in {cfg.patience} evaluation(s): "
-                                  f"stopped after epoch {epoch + 1} (teacher.patience)")
-                break
+    def loss_fn(batch, mix):
+        x, y = batch
+        return teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix, weights,
+                            cfg.imbalance.focal_gamma)
+
+    def save_best():
+        save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_smoothing_record(recipe))
+
+    prog = loop.train(accelerator, recipe, cfg, "teacher", name, model=model, optimizer=optimizer,
+                      scheduler=scheduler, train_loader=train_loader, sampler=sampler, dataset=train_ds,
+                      val_loader=val_loader, num_classes=num_classes, total_updates=total_updates, seed=recipe.seed,
+                      out_dir=out_dir, checkpoints=checkpoints, prog=prog, loss_fn=loss_fn, save_best=save_best)
     best = prog.best
 
     if accelerator.is_main_process:
