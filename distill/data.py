@@ -447,7 +447,7 @@ def _scan_folder(root: Path, key: str) -> tuple[list[str], list[str], np.ndarray
         raise DistillError(f"{key}: {root} has no class folders; expected {root}/<class>/<image>")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found = _image_files(root / name)
+        found = image_files(root / name)
         if not found:
             raise DistillError(f"{key}: class folder {root / name} has no images "
                                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
@@ -456,7 +456,7 @@ def _scan_folder(root: Path, key: str) -> tuple[list[str], list[str], np.ndarray
     return classes, paths, np.array(labels, dtype=np.int64)
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: Path) -> list[str]:
     """The images under `folder`, recursively, sorted (os.walk order is the filesystem's; sorting makes
     splits reproducible). Hidden folders and files are skipped: .ipynb_checkpoints holds copies, and
     macOS's ._x.jpg files are metadata that PIL cannot read."""
@@ -570,7 +570,7 @@ def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
     if not cfg.unlabeled.strip() or not folder.is_dir():
         raise DistillError(f"data.unlabeled: folder {cfg.unlabeled!r} does not exist; give a folder of "
                            "images, or 'rest' for the unused train images of a built-in source")
-    paths = _image_files(folder)
+    paths = image_files(folder)
     if not paths:
         raise DistillError(f"data.unlabeled: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; "
                            "add images or point it at another folder")

@@ -61,11 +61,11 @@ class Images:
 
 def find_images(source: str, classes: list[str], with_labels: bool = False) -> Images:
     """The images `source` names (see the module docstring), with the model's class index of each label."""
-    from distill.data import IMAGE_EXTENSIONS, _image_files
+    from distill.data import IMAGE_EXTENSIONS, image_files
 
     path = Path(source).expanduser()
     if path.is_dir():
-        paths = _image_files(path)
+        paths = image_files(path)
         if not paths:
             raise DistillError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below; "
                                "give a folder of images, a CSV with a 'path' column, or an image file")
