@@ -123,6 +123,18 @@ class Checkpoints:
         fields = {f.name for f in dataclasses.fields(Progress)}
         return Progress(**{k: v for k, v in progress.items() if k in fields})
 
+    def start(self, resume: bool, ema=None) -> Progress:
+        """Where the loop starts: the saved state with `resume` (when there is one for this recipe), else a
+        fresh Progress, after removing any old state so that it is never mixed in (and saying so)."""
+        progress = self.load(ema) if resume else None
+        if progress is not None:
+            return progress
+        if not resume and self.latest() is not None:
+            self.accelerator.print(f"{self.where}: starting over; the saved state in {self.latest()} is removed "
+                                   "(--resume continues from it)")
+        self.clear()
+        return Progress()
+
     def clear(self) -> None:
         """Remove the state: at a fresh start (so an old one is never mixed in) and once the run is complete."""
         self.accelerator.wait_for_everyone()

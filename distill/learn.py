@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from distill import loop, losses
-from distill.checkpoint import Checkpoints, Progress, epoch_batches
+from distill.checkpoint import Checkpoints, epoch_batches
 from distill.data import ImageDataset, build_transform, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
@@ -261,8 +261,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                                seed=seed, balance=imb.sampler,
                                classes=sample_classes(store, samples, len(train_ds)) if imb.sampler != "none" else None)
     sampler = train_loader.sampler
-    weights = losses.class_weights(np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes), imb.class_weights,
-                                   imb.effective_beta)
+    counts = np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes)  # labeled images only
+    weights = losses.class_weights(counts, imb.class_weights, imb.effective_beta)
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
 
@@ -287,10 +287,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
 
     checkpoints = Checkpoints(accelerator, out_dir, student_fingerprint(recipe, cfg, store.manifest["fingerprint"]),
                               recipe.checkpoint.every_steps, where)
-    prog = checkpoints.load(ema) if resume else None
-    if prog is None:
-        checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
-        prog = Progress()
+    prog = checkpoints.start(resume, ema)
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
 
     def loss_fn(batch, mix):

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from distill import loop, targets
-from distill.checkpoint import Checkpoints, Progress
+from distill.checkpoint import Checkpoints
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate, predict
@@ -151,10 +151,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
                       f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
 
     checkpoints = Checkpoints(accelerator, out_dir, fingerprint, recipe.checkpoint.every_steps, name)
-    prog = checkpoints.load() if resume else None
-    if prog is None:
-        checkpoints.clear()  # a fresh start: never mix in the state of an earlier run
-        prog = Progress()
+    prog = checkpoints.start(resume)
 
     def loss_fn(batch, mix):
         x, y = batch
