@@ -51,7 +51,7 @@ def find_models(run_dir: Path) -> list[tuple[str, Path]]:
         found.append(("teacher", run_dir / "teacher"))
         # an ensemble teacher: each member too (k-fold teachers, models trained elsewhere)
         for member in json.loads((run_dir / "teacher" / "metrics.json").read_text()).get("members", []):
-            found.append((f"teacher:{member['name']}", Path(member["dir"])))
+            found.append((f"teacher:{member['name']}", run_dir / "teacher" / member["dir"]))
     for d in sorted((run_dir / "students").glob("*/")):
         if (d / "metrics.json").is_file():
             found.append((d.name, d))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -260,7 +261,9 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
                             **{f"{k}_std": float(np.std([m[k] for m in heldout], ddof=1)) for k in keys}}
         write_json(out_dir / "metrics.json", {
             **best, "model": f"ensemble of {len(members)}", "card": cfg.card, "ensemble_combine": cfg.ensemble_combine,
-            "members": [{"dir": str(d), "name": d.name if d.parent == out_dir else str(d),
+            # dirs relative to teacher/ (as in model.json), so the run directory can move
+            "members": [{"dir": os.path.relpath(d.resolve(), out_dir.resolve()),
+                         "name": d.name if d.parent == out_dir else str(d),
                          **{k: scores[d][k] for k in keys}} for d in members],
             "folds": fold_summary, "params": sum(count_params(load_model(d)[0]) for d in members),
             "input_size": read_model_info(out_dir)["preprocess"]["input_size"],
