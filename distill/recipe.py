@@ -118,7 +118,8 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ImbalanceConfig:
-    """Tools for skewed class frequencies; they act on the label (cross-entropy) term only."""
+    """Tools for skewed class frequencies: class weights and focal loss change the label (cross-entropy) term
+    only; the sampler decides which images the batches hold, for every term."""
 
     # per-class weights of the cross-entropy: balanced ∝ 1/n_c, effective ∝ (1 - β)/(1 - β^n_c) (Cui et al. 2019)
     class_weights: Literal["none", "balanced", "effective"] = "none"
