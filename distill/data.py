@@ -187,9 +187,10 @@ def fold_ids(split: Split, k: int, seed: int, key: str = "teacher.folds") -> np.
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     groups = split.groups
-    if (len(split) if groups is None else len(set(groups))) < k:
+    units = len(split) if groups is None else len(set(groups))
+    if units < k:
         raise DistillError(f"{key}: {k} folds need at least {k} {'groups' if groups is not None else 'images'}; "
-                           f"the training split has {len(split) if groups is None else len(set(groups))}")
+                           f"the training split has {units}")
     folds = np.empty(len(split), dtype=np.int64)
     splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if groups is None
                 else StratifiedGroupKFold(k, shuffle=True, random_state=seed))

@@ -532,15 +532,8 @@ def save_ensemble(out_dir, member_dirs: list, combine: str, classes: list[str], 
     rebuilds it. Its sha256 is that of its members' sha256s and the combine rule, so a store made by another
     ensemble is told apart. The ensemble's preprocessing is the largest member input's."""
     out = Path(out_dir)
-    infos, pres = [], []
-    for d in member_dirs:
-        info = _read_info(Path(d) / INFO_FILE)
-        if info["classes"] != list(classes):
-            raise DistillError(f"teacher.ensemble_with: {d} was trained on classes {info['classes'][:5]}…, this "
-                               f"data has {list(classes)[:5]}…; ensemble models of the same classes")
-        infos.append(info)
-        pres.append(info["preprocess"])
-    first = max(pres, key=lambda p: p["input_size"])
+    infos = [member_info(Path(d), classes, "teacher.ensemble_with") for d in member_dirs]
+    first = max((i["preprocess"] for i in infos), key=lambda p: p["input_size"])
     members = [os.path.relpath(Path(d).resolve(), out.resolve()) for d in member_dirs]
     digest = hashlib.sha256(json.dumps([[i["sha256"] for i in infos], combine]).encode()).hexdigest()
     info = {"format": FORMAT_VERSION, "source": "ensemble", "members": members, "combine": combine,
@@ -604,6 +597,15 @@ def _rebuild(info: dict) -> nn.Module:
     if "model" in info:
         model.distill_spec["model"] = info["model"]
     return model
+
+
+def member_info(model_dir: Path, classes: list[str], key: str) -> dict:
+    """The model.json of a would-be ensemble member, refused (naming `key`) unless it knows exactly `classes`."""
+    info = read_model_info(model_dir, key)
+    if info["classes"] != list(classes):
+        raise DistillError(f"{key}: {model_dir} was trained on classes {info['classes'][:5]}…, this data has "
+                           f"{list(classes)[:5]}…; ensemble models of the same classes")
+    return info
 
 
 def read_model_info(model_dir: Path, key: str | None = None) -> dict:

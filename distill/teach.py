@@ -35,6 +35,7 @@ from distill.models import (
     build_model,
     count_params,
     load_model,
+    member_info,
     param_groups,
     read_model_info,
     save_ensemble,
@@ -216,10 +217,7 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
     cfg, out_dir = recipe.teacher, recipe.run_dir / "teacher"
     classes, num_classes = train_split.classes, len(train_split.classes)
     for i, d in enumerate(cfg.ensemble_with):  # before hours of training: a member that cannot join
-        info = read_model_info(Path(d), f"teacher.ensemble_with.{i}")
-        if info["classes"] != classes:
-            raise DistillError(f"teacher.ensemble_with.{i}: {d} was trained on classes {info['classes'][:5]}…, this "
-                               f"data has {classes[:5]}…; ensemble models of the same classes")
+        member_info(Path(d), classes, f"teacher.ensemble_with.{i}")
     members, heldout = [], []
     if cfg.folds:
         folds = fold_ids(train_split, cfg.folds, recipe.data.split_seed)
@@ -254,6 +252,7 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
     accelerator.print(f"ensemble of {len(members)} ({cfg.ensemble_combine}): val top1 {best['top1']:.4f} "
                       f"macro_f1 {best['macro_f1']:.4f} nll {best['nll']:.4f}")
     if accelerator.is_main_process:
+        ensemble_info = read_model_info(out_dir)
         fold_summary = None
         if heldout:
             fold_summary = {"k": cfg.folds, "heldout": [{k: m[k] for k in keys} for m in heldout],
@@ -265,8 +264,9 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
             "members": [{"dir": os.path.relpath(d.resolve(), out_dir.resolve()),
                          "name": d.name if d.parent == out_dir else str(d),
                          **{k: scores[d][k] for k in keys}} for d in members],
-            "folds": fold_summary, "params": sum(count_params(load_model(d)[0]) for d in members),
-            "input_size": read_model_info(out_dir)["preprocess"]["input_size"],
+            # both from the ensemble's model.json: the members' parameter count, the largest member input
+            "folds": fold_summary, "params": ensemble_info["params"],
+            "input_size": ensemble_info["preprocess"]["input_size"],
             # the cost of this teacher: the members trained here (members trained elsewhere are not counted)
             "wall_seconds": sum(_wall_seconds(d) for d in members if d.parent == out_dir),
             "epochs": cfg.epochs, "seed": recipe.seed, "num_processes": accelerator.num_processes,
@@ -277,15 +277,21 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
     return best
 
 
-def evaluate_dir(recipe, accelerator, model_dir: Path, split, num_classes: int) -> dict:
-    """The validation metrics of a saved model (or ensemble), with its own eval transform."""
+def saved_model_batches(recipe, accelerator, model_dir: Path, split):
+    """A saved model (or ensemble) on this process's device, and a prepared loader of `split` through the model's
+    own eval transform (`teacher.augment.eval`), as the teacher is evaluated while it trains."""
     model, pre, _ = load_model(model_dir)
     transform = build_transform(recipe.teacher.augment.eval, "eval", pre, where="teacher.augment.eval")
-    loader = accelerator.prepare(make_loader(ImageDataset(split, transform), recipe.teacher.eval_batch_size
-                                             or recipe.teacher.batch_size, recipe, train=False,
-                                             world_size=accelerator.num_processes))
+    loader = make_loader(ImageDataset(split, transform), recipe.teacher.eval_batch_size or recipe.teacher.batch_size,
+                         recipe, train=False, world_size=accelerator.num_processes)
+    return model.to(accelerator.device), accelerator.prepare(loader)
+
+
+def evaluate_dir(recipe, accelerator, model_dir: Path, split, num_classes: int) -> dict:
+    """The validation metrics of a saved model (or ensemble), with its own eval transform."""
+    model, loader = saved_model_batches(recipe, accelerator, model_dir, split)
     with torch.inference_mode(), accelerator.autocast():
-        return evaluate(model.to(accelerator.device), loader, accelerator, num_classes)
+        return evaluate(model, loader, accelerator, num_classes)
 
 
 def write_oof(recipe, accelerator, train_split, folds: np.ndarray, fold_dirs: list[Path], path: Path) -> None:
@@ -294,13 +300,9 @@ def write_oof(recipe, accelerator, train_split, folds: np.ndarray, fold_dirs: li
     logits = None
     for f, d in enumerate(fold_dirs):
         rows = np.flatnonzero(folds == f)
-        model, pre, _ = load_model(d)
-        transform = build_transform(recipe.teacher.augment.eval, "eval", pre, where="teacher.augment.eval")
-        loader = accelerator.prepare(make_loader(ImageDataset(train_split.subset(rows), transform),
-                                                 recipe.teacher.eval_batch_size or recipe.teacher.batch_size,
-                                                 recipe, train=False, world_size=accelerator.num_processes))
+        model, loader = saved_model_batches(recipe, accelerator, d, train_split.subset(rows))
         with torch.inference_mode(), accelerator.autocast():
-            fold_logits, _ = predict(model.to(accelerator.device), loader, accelerator)
+            fold_logits, _ = predict(model, loader, accelerator)
         if logits is None:
             logits = torch.zeros(len(train_split), fold_logits.shape[1])
         logits[torch.from_numpy(rows)] = fold_logits.float()
