@@ -215,9 +215,22 @@ def test_audit_finds_the_swapped_labels_in_sample(noisy_run, capsys):
     assert image.width > 500 and image.height > 100
 
 
-def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
+def audit_with_oof(run_dir: Path, logits, folds: int, out: Path) -> None:
+    """Audit `run_dir` as if a k-fold teacher had written these out-of-fold `logits` (removed afterwards, so the
+    module's run stays in-sample for the other tests)."""
     import torch
     from safetensors.torch import save_file
+
+    oof = run_dir / "teacher" / "oof.safetensors"
+    save_file({"logits": logits, "fold": torch.arange(len(logits)) % folds}, str(oof))
+    try:
+        audit_main([str(run_dir), "--out", str(out)])
+    finally:
+        oof.unlink()
+
+
+def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
+    import torch
 
     run_dir, _ = noisy_run
     labels = train_labels(run_dir)
@@ -227,12 +240,7 @@ def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
     logits[torch.arange(len(labels)), torch.tensor(labels)] = 5.0
     logits[7] = -5.0
     logits[7, other] = 6.0  # above its class threshold, the mean p of the others (logit 5)
-    oof = run_dir / "teacher" / "oof.safetensors"
-    save_file({"logits": logits, "fold": torch.arange(len(labels)) % 5}, str(oof))
-    try:
-        audit_main([str(run_dir), "--out", str(tmp_path / "oof.csv")])
-    finally:
-        oof.unlink()
+    audit_with_oof(run_dir, logits, folds=5, out=tmp_path / "oof.csv")
     out = capsys.readouterr().out
     assert "out-of-fold (5-fold teacher" in out and "warning" not in out
     [row] = read_csv(tmp_path / "oof.csv")
@@ -243,17 +251,11 @@ def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
 
 def test_a_teacher_that_agrees_everywhere_gives_an_empty_list(noisy_run, tmp_path, capsys):
     import torch
-    from safetensors.torch import save_file
 
     run_dir, _ = noisy_run
     labels = train_labels(run_dir)
     logits = torch.nn.functional.one_hot(torch.tensor(labels), len(CLASSES)).float() * 8
-    oof = run_dir / "teacher" / "oof.safetensors"
-    save_file({"logits": logits, "fold": torch.arange(len(labels)) % 3}, str(oof))
-    try:
-        audit_main([str(run_dir), "--out", str(tmp_path / "none.csv")])
-    finally:
-        oof.unlink()
+    audit_with_oof(run_dir, logits, folds=3, out=tmp_path / "none.csv")
     assert "suspects: 0 (0.0%)" in capsys.readouterr().out
     assert (tmp_path / "none.csv").read_text().splitlines() == [",".join(COLUMNS)]
     assert (tmp_path / "none.png").is_file()

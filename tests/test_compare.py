@@ -32,13 +32,7 @@ def test_pareto_front():
 
 
 # --- TTA rows ---------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: with other jobs on the machine's 2 CPUs, OpenMP threads waiting on each other cost seconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,14 @@
 """The same recipe and seed on CPU give the same results: metrics.json identical apart from timings, the same
 store, the same weights."""
-import json
 import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import yaml
-from safetensors.torch import load_file
-
-from distill.targets import TargetStore
+from conftest import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-# what a second run may change: how long things took, and nothing else
-TIMING = {"wall_seconds", "train_images_per_sec", "eval_images_per_sec", "fixres_seconds", "export"}
-
-
-def without_timings(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 def test_the_same_recipe_twice_gives_identical_results(tmp_path):
@@ -39,11 +29,4 @@ def test_the_same_recipe_twice_gives_identical_results(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(tmp_path / name / "tiny-timm")
     a, b = runs
-    for part in ("teacher", "students/kd", "students/kd/fixres"):
-        ma = json.loads((a / part / "metrics.json").read_text())
-        mb = json.loads((b / part / "metrics.json").read_text())
-        assert without_timings(ma) == without_timings(mb), part
-        wa, wb = load_file(a / part / "model.safetensors"), load_file(b / part / "model.safetensors")
-        assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa), part
-    sa, sb = TargetStore(a / "targets"), TargetStore(b / "targets")
-    assert [s["sha256"] for s in sa.manifest["shards"]] == [s["sha256"] for s in sb.manifest["shards"]]
+    assert_same_run(a, b, ("teacher", "students/kd", "students/kd/fixres"))
