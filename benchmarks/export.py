@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill import targets
+from distill import store
 from distill.data import load_splits
 from distill.models import build_model, save_model
 from distill.recipe import recipe_from_dict
@@ -56,7 +56,7 @@ def build_teacher(recipe, classes: list[str], out: Path):
     model, pre = build_model(recipe.teacher, len(classes), classes=classes)
     info = save_model(model, pre, out, classes,
                       extra={"pretrain_label_smoothing": recipe.teacher.pretrain_label_smoothing})
-    return model, pre, targets.teacher_record(info)
+    return model, pre, store.teacher_record(info)
 
 
 def prerender(samples, spec, seed, pre) -> list[torch.Tensor]:
@@ -68,9 +68,9 @@ def prerender(samples, spec, seed, pre) -> list[torch.Tensor]:
     views = []
     for i in range(len(samples)):
         image = samples.load(i)
-        params = targets.view_params(spec, seed, i, *image.shape[:2])
-        views.append(np.stack([targets.render(image, p, pre.input_size, pre.interpolation) for p in params]))
-    return [targets.to_tensor(np.stack(views[lo:lo + spec.batch_size]), pre).flatten(0, 1)
+        params = store.view_params(spec, seed, i, *image.shape[:2])
+        views.append(np.stack([store.render(image, p, pre.input_size, pre.interpolation) for p in params]))
+    return [store.to_tensor(np.stack(views[lo:lo + spec.batch_size]), pre).flatten(0, 1)
             for lo in range(0, len(views), spec.batch_size)]
 
 
@@ -114,16 +114,16 @@ def student_step_seconds(steps: int = 4) -> float:
     return float(np.median(times))
 
 
-def read_seconds(store, batches: int, batch: int = 128) -> float:
-    """Seconds per `store.rows` call on `batch` random (sample, view) pairs."""
+def read_seconds(reader, batches: int, batch: int = 128) -> float:
+    """Seconds per `TargetStore.rows` call on `batch` random (sample, view) pairs."""
     rng = np.random.default_rng(0)
-    picks = [(rng.integers(store.num_samples, size=batch), rng.integers(store.rows_per_sample, size=batch))
+    picks = [(rng.integers(reader.num_samples, size=batch), rng.integers(reader.rows_per_sample, size=batch))
              for _ in range(batches + 5)]
     for s, v in picks[:5]:  # map the shards, as a worker's first batches do
-        store.rows(s, v)
+        reader.rows(s, v)
     start = time.perf_counter()
     for s, v in picks[5:]:
-        store.rows(s, v)
+        reader.rows(s, v)
     return (time.perf_counter() - start) / batches
 
 
@@ -134,7 +134,7 @@ def topk_errors(full: np.ndarray, k: int) -> dict:
     lse = z.logsumexp(-1).numpy()
     # float16 top-k values as the store keeps them (already exact: `full` came out of a float16 store)
     values = top.values.half().float().numpy()
-    recon = targets.reconstruct_topk(values, top.indices.numpy().astype(np.int16), lse, full.shape[1])
+    recon = store.reconstruct_topk(values, top.indices.numpy().astype(np.int16), lse, full.shape[1])
     out = {"tail": float((1 - np.exp(values - lse[:, None]).sum(1)).mean())}
     for t in TEMPERATURES:
         logp = torch.from_numpy(full).double().div(t).log_softmax(-1)
@@ -169,7 +169,7 @@ def main():
         tmp = Path(tmp)
         recipe = make_recipe(args)
         train, _ = load_splits(recipe.data)
-        samples = targets.Samples(train)
+        samples = store.Samples(train)
         model, pre, teacher = build_teacher(recipe, train.classes, tmp / "teacher")
         spec, seed = recipe.targets, recipe.seed
 
@@ -187,8 +187,8 @@ def main():
         before = bare_forwards(model, layouts, range(len(batches) // 2), accelerator)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # the library's one-line summary, off the tables
-            manifest = targets.export(model, pre, samples, train.classes, spec, seed, tmp / "targets", accelerator,
-                                      teacher, num_workers=args.workers, progress=False)
+            manifest = store.export(model, pre, samples, train.classes, spec, seed, tmp / "targets", accelerator,
+                                    teacher, num_workers=args.workers, progress=False)
         exp_s = time.perf_counter() - t0
         after = bare_forwards(model, layouts, range(len(batches) // 2, len(batches)), accelerator)
         n_nchw = sum(len(b) for b in layouts["nchw"].values())
@@ -224,20 +224,20 @@ def main():
             "the batches before the export and half after it."))
 
         # 2. size on disk
-        store = targets.TargetStore(tmp / "targets")
-        n_rows = store.num_samples * store.rows_per_sample
-        shard_bytes = store.nbytes()
+        reader = store.TargetStore(tmp / "targets")
+        n_rows = reader.num_samples * reader.rows_per_sample
+        shard_bytes = reader.nbytes()
         dir_bytes = sum(p.stat().st_size for p in (tmp / "targets").iterdir())
         sections.append(("2. Store size on disk", table(
             ["classes", "logits", "rows (samples × views)", "logit bytes/view", "shard bytes/view", "shards",
              "store incl. manifest and sidecars"],
-            [store.num_classes, f"{store.storage} {manifest['logits']['dtype']}",
-             f"{n_rows} ({store.num_samples} × {store.rows_per_sample})", 2 * store.num_classes,
+            [reader.num_classes, f"{reader.storage} {manifest['logits']['dtype']}",
+             f"{n_rows} ({reader.num_samples} × {reader.rows_per_sample})", 2 * reader.num_classes,
              f"{shard_bytes / n_rows:.1f}", f"{shard_bytes / 2**20:.3f} MiB", f"{dir_bytes / 2**20:.3f} MiB"],
         )))
 
         # 3. random-row reads vs one student step
-        per_batch = read_seconds(store, args.read_batches)
+        per_batch = read_seconds(reader, args.read_batches)
         step = student_step_seconds()
         share = 100 * per_batch / step
         sections.append(("3. Random-row reads vs one student training step", table(
@@ -253,14 +253,14 @@ def main():
         imagenet = [f"imagenet-{i}" for i in range(1000)]
         model_k, pre_k, teacher_k = build_teacher(recipe, imagenet, tmp / "teacher-1000")
         with contextlib.redirect_stdout(sys.stderr):
-            targets.export(model_k, pre_k, targets.Samples(train.subset(np.arange(n_topk))), imagenet, spec, seed,
-                           tmp / "targets-1000", accelerator, teacher_k, num_workers=args.workers, progress=False)
-        store_k = targets.TargetStore(tmp / "targets-1000")
+            store.export(model_k, pre_k, store.Samples(train.subset(np.arange(n_topk))), imagenet, spec, seed,
+                         tmp / "targets-1000", accelerator, teacher_k, num_workers=args.workers, progress=False)
+        store_k = store.TargetStore(tmp / "targets-1000")
         every = np.arange(n_topk).repeat(store_k.rows_per_sample)
         full = store_k.rows(every, np.tile(np.arange(store_k.rows_per_sample), n_topk))["logits"]
         rows = []
         for k in TOPK:
-            e, kept = topk_errors(full, k), targets.logits_spec(dataclasses.replace(spec, logits="topk", topk=k), 1000)
+            e, kept = topk_errors(full, k), store.logits_spec(dataclasses.replace(spec, logits="topk", topk=k), 1000)
             index_bytes = np.dtype(kept["index_dtype"]).itemsize
             rows.append([k, k * (2 + index_bytes) + 4, f"{e['tail']:.4f}", *(f"{v:.2e}" for t in TEMPERATURES
                                                                             for v in e[t])])

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill import targets
+from distill import store
 from distill.recipe import TargetsConfig
 
 CLASSES, K, VIEWS, SHARD = 1000, 20, 4, 4096  # rows per sample = VIEWS + 1
@@ -45,7 +45,7 @@ def status_kib(field: str) -> int:
 def write_store(out: Path, views: int) -> dict:
     """A complete store of `views` rows (synthetic logits), written with the exporter's shard writer."""
     samples = math.ceil(views / (VIEWS + 1))
-    logit_spec = targets.logits_spec(TargetsConfig(logits="topk", topk=K), CLASSES)
+    logit_spec = store.logits_spec(TargetsConfig(logits="topk", topk=K), CLASSES)
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     # one block of random logits, rolled per shard: the timing is the writer's (top-k, float16, file, sha256),
@@ -58,17 +58,17 @@ def write_store(out: Path, views: int) -> dict:
         logits = block[:rows].roll(s, dims=1)
         params = torch.rand(rows, 5, generator=gen)
         labels = torch.randint(0, CLASSES, (last - first,), generator=gen)
-        targets._write_shard(out, s, first, last, "synthetic", {}, logit_spec, logits, params, labels)
+        store.write_shard(out, s, first, last, "synthetic", {}, logit_spec, logits, params, labels)
         info = json.loads((out / f"shard-{s:05d}.json").read_text())
         shards.append({"file": f"shard-{s:05d}.safetensors", "first_sample": first, "num_samples": last - first,
                        "rows": rows, "sha256": info["sha256"]})
     seconds = time.perf_counter() - start
-    manifest = {"format": "distill-targets", "version": targets.FORMAT_VERSION, "complete": True,
+    manifest = {"format": "distill-targets", "version": store.FORMAT_VERSION, "complete": True,
                 "fingerprint": "synthetic", "num_samples": samples, "num_labeled": samples, "num_unlabeled": 0,
                 "views": VIEWS, "rows_per_sample": VIEWS + 1, "center_view": VIEWS, "shard_size": SHARD,
                 "num_classes": CLASSES, "classes": [str(c) for c in range(CLASSES)], "logits": logit_spec,
                 "shards": shards}
-    (out / targets.MANIFEST).write_text(json.dumps(manifest))
+    (out / store.MANIFEST).write_text(json.dumps(manifest))
     size = sum((out / sh["file"]).stat().st_size for sh in shards)
     return {"views": samples * (VIEWS + 1), "write_views_per_sec": samples * (VIEWS + 1) / seconds,
             "bytes_per_view": size / (samples * (VIEWS + 1)), "mib": size / 2**20}
@@ -77,20 +77,20 @@ def write_store(out: Path, views: int) -> dict:
 def read_store(path: Path) -> dict:
     """Random batches of (sample, view) rows, in this process: throughput and memory growth."""
     anon0, file0 = status_kib("RssAnon"), status_kib("RssFile")
-    store = targets.TargetStore(path)
+    reader = store.TargetStore(path)
     rng = np.random.default_rng(0)
     # as ReplayDataset reads: one (sample, view) row per item, in a random order
-    samples = rng.integers(0, store.num_samples, READS * BATCH)
-    views = rng.integers(0, store.rows_per_sample, READS * BATCH)
+    samples = rng.integers(0, reader.num_samples, READS * BATCH)
+    views = rng.integers(0, reader.rows_per_sample, READS * BATCH)
     start = time.perf_counter()
     for i, v in zip(samples, views):
-        row = store.row(int(i), int(v))
+        row = reader.row(int(i), int(v))
     assert row["logits"].shape == (CLASSES,)
     row_seconds = time.perf_counter() - start
     # whole random batches in one call (rows()): its cost grows with the shards a batch touches
     start = time.perf_counter()
     for b in range(READS):
-        batch = store.rows(samples[b * BATCH:(b + 1) * BATCH], views[b * BATCH:(b + 1) * BATCH])
+        batch = reader.rows(samples[b * BATCH:(b + 1) * BATCH], views[b * BATCH:(b + 1) * BATCH])
         assert batch["logits"].shape == (BATCH, CLASSES)
     batch_seconds = time.perf_counter() - start
     return {"read_views_per_sec": READS * BATCH / row_seconds, "batch_views_per_sec": READS * BATCH / batch_seconds,

@@ -186,7 +186,7 @@ def store_predictions(run_dir: Path, recipe, train, val) -> tuple[Iterator[np.nd
     view), after checking that the store was built from the data the recipe gives now; and their source,
     in-sample unless the store was exported out-of-fold (targets.oof)."""
     from distill.data import load_unlabeled
-    from distill.targets import Samples, TargetStore, dataset_fingerprint
+    from distill.store import Samples, TargetStore, dataset_fingerprint
 
     store = TargetStore(run_dir / "targets")
     unlabeled = load_unlabeled(recipe.data, train, val) if recipe.data.unlabeled else None

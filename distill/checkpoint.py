@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import threading
@@ -29,6 +30,7 @@ class Progress:
     stale_evals: int = 0  # evaluations since the best one (early stopping)
     stopped_early: bool = False
     mix_kl: list = dataclasses.field(default_factory=list)  # online KD: cached-mixing approximation error
+    before: dict | None = None  # FixRes: the metrics before its fine-tune, by resolution (str)
     train_images: int = 0  # of complete epochs and of the resumed part of an epoch, over train_seconds
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # of the sessions before this one, until `clock()`
@@ -53,6 +55,17 @@ def epoch_batches(accelerator, loader, sampler, dataset, epoch: int, skip: int):
     return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
+def planned_stop(where: str, step: int, phase: str = "step") -> None:
+    """A test's exact stopping point instead of a race against a timer: DISTILL_STOP_AT="<where>:<step>:<SIGNAL>"
+    (comma-separated for several) sends this process SIGNAL once stage `where` ("teacher", "teacher-fold-1",
+    "students.0", "students.0.fixres") has done optimizer step `step`, before that step's checkpoint; with a
+    fourth field `save`, half-way through that step's checkpoint save instead."""
+    for item in filter(None, os.environ.get("DISTILL_STOP_AT", "").split(",")):
+        w, s, sig, *rest = item.split(":")
+        if w == where and int(s) == step and (rest[0] if rest else "step") == phase:
+            signal.raise_signal(signal.Signals[sig])
+
+
 class Checkpoints:
     """The resumable state of one training loop in `<out_dir>/resume/state/`.
 
@@ -61,7 +74,7 @@ class Checkpoints:
     batch, step, best metrics, history, ...), written last as the mark of a complete state. It all goes to
     `state.tmp/` first, which then replaces `state/` by renames, so a kill at any instant leaves one complete
     state (`state.old/` between the two renames). The loop's randomness is a function of (seed, epoch, index)
-    (`runs.EpochSampler`, `runs.batch_rng`, seeded augmentation), so a resumed run continues bit for bit.
+    (`loaders.EpochSampler`, `loaders.batch_rng`, seeded augmentation), so a resumed run continues bit for bit.
     """
 
     def __init__(self, accelerator, out_dir: Path, fingerprint: str, every_steps: int, where: str):
@@ -91,6 +104,7 @@ class Checkpoints:
             record = {**dataclasses.asdict(progress), "wall_seconds": progress.clock(),
                       "fingerprint": self.fingerprint, "num_processes": acc.num_processes}
             (tmp / "progress.json").write_text(json.dumps(record, indent=1, default=float))
+            planned_stop(self.where, progress.step, "save")  # tests: a kill between the write and the renames
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():

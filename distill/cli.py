@@ -11,8 +11,10 @@ COMMANDS = {
            "distill run recipe.yaml [overrides] [--from teach|learn]",
     "teach": "fine-tune the teacher and export its soft targets: distill teach recipe.yaml [overrides] "
              "[--resume] [--export-only] [--rebuild-targets]",
-    "learn": "train the students on the soft targets: distill learn recipe.yaml [overrides] [--student NAME] "
-             "[--resume] [--fixres-only]",
+    "learn": "train the students on the soft targets (then their FixRes stages): distill learn recipe.yaml "
+             "[overrides] [--student NAME] [--resume]",
+    "fixres": "only the FixRes stages of trained students: distill fixres recipe.yaml [overrides] [--student NAME] "
+              "[--resume]",
     "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
     "predict": "predictions of a saved model for images, as CSV: distill predict <model dir> <images> --out preds.csv "
@@ -23,7 +25,8 @@ COMMANDS = {
                "runs/<name>",
 }
 # commands whose whole work is one module's main(argv)
-MODULE_COMMANDS = {"compare": "distill.compare", "predict": "distill.predict", "diff": "distill.predict:diff_main",
+MODULE_COMMANDS = {"teach": "distill.teach", "learn": "distill.learn", "fixres": "distill.fixres",
+                   "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.predict:diff_main",
                    "audit": "distill.audit", "explain": "distill.explain"}
 
 
@@ -40,24 +43,19 @@ def main(argv=None):
         return None
     command, rest = argv[0], argv[1:]
     if command == "inspect":
-        from distill import targets
+        from distill import store
         parser = argparse.ArgumentParser(prog="distill inspect", description=COMMANDS["inspect"])
         parser.add_argument("store", help="a targets/ directory, or a run directory holding one")
         args = parser.parse_args(rest)
         from pathlib import Path
         path = Path(args.store)
-        print(targets.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
+        print(store.summary(path / "targets" if (path / "targets" / "manifest.json").is_file() else path))
         return None
 
     if command in MODULE_COMMANDS:
         import importlib
         module, _, function = MODULE_COMMANDS[command].partition(":")
         return getattr(importlib.import_module(module), function or "main")(rest)
-    from distill import learn, teach
-    if command == "teach":
-        return teach.main(rest)
-    if command == "learn":
-        return learn.main(rest)
     return run(rest)
 
 
@@ -102,7 +100,7 @@ def run(argv) -> None:
     print(f"== compare: {run_dir}", flush=True)
     from distill import compare
     with stage("compare"):
-        compare.main([str(run_dir)])
+        compare.main.__wrapped__([str(run_dir)])  # unwrapped: its error line comes from here, naming the stage
 
 
 def learn_students(recipe, base: list[str], start: str | None) -> None:
@@ -111,7 +109,8 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
     import json
     from pathlib import Path
 
-    from distill import learn
+    from distill import fixres, learn
+    from distill.kd import fixres_fingerprint, student_fingerprint
     from distill.runs import finished
 
     run_dir = recipe.run_dir
@@ -122,10 +121,10 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
     for student in recipe.students:
         student_dir = run_dir / "students" / student.name
         if start is not None or not finished(student_dir / "metrics.json",
-                                             learn.student_fingerprint(recipe, student, store_fp)):
+                                             student_fingerprint(recipe, student, store_fp)):
             train += ["--student", student.name]  # its FixRes stage, if any, follows it
         elif student.fixres is not None and not finished(student_dir / "fixres" / "metrics.json",
-                                                         learn.fixres_fingerprint(recipe, student, store_fp)):
+                                                         fixres_fingerprint(recipe, student, store_fp)):
             print(f"student {student.name} complete for this recipe: skipped; its FixRes stage runs", flush=True)
             fixres += ["--student", student.name]
         else:
@@ -135,7 +134,7 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
         if train:  # an interrupted student continues from its saved state (not with --from)
             learn.main([*base, *train, *(() if start else ("--resume",))])
         if fixres:
-            learn.main([*base, *fixres, "--fixres-only"])
+            fixres.main([*base, *fixres, *(() if start else ("--resume",))])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError, exit_on_error
-from distill.models import load_model
+from distill.models import load_for_eval, load_model
 from distill.recipe import Recipe, TTAConfig, load_recipe
 from distill.runs import write_text
 from distill.tta import num_views, tta_logits
@@ -119,20 +119,19 @@ def run_recipe(run_dir: Path) -> Recipe | None:
     return load_recipe(path) if path.is_file() else None
 
 
-def tta_row(row: dict, model_dir: Path, split, tta: TTAConfig, speed: bool, augment: list | None = None,
-            batch_size: int = 64) -> dict:
+def tta_row(row: dict, model_dir: Path, split, tta: TTAConfig, speed: bool, batch_size: int = 64) -> dict:
     """The `<role>+tta` row of the model whose plain row is `row`: accuracy with TTA on `split` (its run's
-    validation split, on which its metrics.json was measured; `augment` the eval list it was measured with),
+    validation split, on which its metrics.json was measured, through the eval transform its folder names),
     latency and throughput with TTA; training and distillation columns are the plain row's.
     """
     from distill.evaluate import classification_metrics
     from distill.predict import predict_split
 
-    model, pre, info = load_model(model_dir)
+    model, pre, info, transform = load_for_eval(model_dir)
     if len(split.classes) != info["num_classes"]:
         raise DistillError(f"{model_dir}: the model has {info['num_classes']} classes, its run's validation set "
                            f"{len(split.classes)}; was config.yaml replaced? Re-run the run, or pass --no-tta")
-    logits, labels = predict_split(model, pre, split, tta, batch_size, augment)
+    logits, labels = predict_split(model, pre, split, tta, batch_size, transform=transform)
     m = classification_metrics(logits, labels, info["num_classes"])
     latency, throughput = measure_speed(model_dir, tta=tta) if speed else (None, None)
     return {**row, "role": f"{row['role']}+tta", "top1": m["top1"], "macro_f1": m["macro_f1"], "nll": m["nll"],
@@ -154,9 +153,7 @@ def with_tta_rows(run_dir: Path, rows: list[dict], models: list[tuple[str, Path]
     out = []
     for row, (role, model_dir) in zip(rows, models):
         print(f"tta: {run_dir.name}/{role}: {len(split)} val images x {num_views(tta)} views", flush=True)
-        # the teacher was evaluated with the recipe's teacher.augment.eval, students with the default
-        augment = recipe.teacher.augment.eval if role.startswith("teacher") else None
-        out += [row, tta_row(row, model_dir, split, tta, speed, augment)]
+        out += [row, tta_row(row, model_dir, split, tta, speed)]
     return out
 
 

@@ -6,13 +6,13 @@ import functools
 import sys
 
 EXIT_BAD_INPUT = 2
-_stage: str | None = None  # the `distill run` stage under way, named in its error line
 
 
 class DistillError(Exception):
     """Bad input the user can fix: the message names the key or file and what to do."""
 
     kind, exit_code = "error", EXIT_BAD_INPUT
+    stage: str | None = None  # the `distill run` stage it happened in, named in its error line
 
 
 class Interrupted(DistillError):
@@ -41,8 +41,8 @@ def exit_on_error(main):
             if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
                 message = message.rstrip().splitlines()[-1].split("DistillError: ", 1)[-1]
             where = ""
-            if _stage:
-                where = f" (stage {_stage}" + ("" if _stage == "teach" else "; the stages before it are kept") + ")"
+            if e.stage:
+                where = f" (stage {e.stage}" + ("" if e.stage == "teach" else "; the stages before it are kept") + ")"
             print(f"{e.kind}: {message}{where}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
 
@@ -51,10 +51,10 @@ def exit_on_error(main):
 
 @contextlib.contextmanager
 def stage(name: str):
-    """Name the stage under way, so that a failure in it says which stage failed."""
-    global _stage
-    previous, _stage = _stage, name
+    """Name the stage under way on a failure in it, so that its error line says which stage failed."""
     try:
         yield
-    finally:
-        _stage = previous
+    except DistillError as e:
+        if e.stage is None:  # the innermost stage names it
+            e.stage = name
+        raise

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -31,8 +31,9 @@ from torch import nn
 
 from distill.errors import DistillError, exit_on_error
 
-# transformers < 5 names ViT/BEiT/DeiT blocks `encoder.layer.<i>`, transformers 5 `layers.<i>`
-_HF_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.\d+$")
+if TYPE_CHECKING:
+    from distill.models.cam import Target
+
 # tokens before the patch grid: a class token, a distillation token, a few register tokens; more means the
 # tokens are not a patch grid at all
 MAX_PREFIX_TOKENS = 8
@@ -41,20 +42,10 @@ ALPHA = 0.5  # weight of the heat map in an overlay
 
 
 # --- the target layer ----------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """The layer Grad-CAM reads: the module, its name in the model, and how its output is laid out."""
-
-    module: nn.Module
-    name: str
-    layout: str  # "NCHW" | "NHWC" | "tokens" (B x N x C: prefix tokens, then the patch grid row by row)
-    patch: tuple[int, int] | None = None  # tokens: the patch size, which gives the grid for an input size
-    map_size: tuple[int, int] | None = None  # (h, w) of the map at the input size `find_target` was given
-
-
 def find_target(model: nn.Module, input_size: int, what: str = "model") -> Target:
     """The layer whose Grad-CAM explains `model` at `input_size`; a DistillError naming `what` if there is none.
 
+    The model's source chooses (`Source.cam_target` in distill.models):
     - transformers ViT / BEiT / DeiT (`HFClassifier`): the output of the last encoder layer's `layernorm_before`;
     - timm ViT-style models (forward_features gives tokens): the output of the last block's `norm1`;
     - timm CNNs (forward_features gives a map): the module whose output forward_features returns, i.e. the last
@@ -66,80 +57,27 @@ def find_target(model: nn.Module, input_size: int, what: str = "model") -> Targe
     the last block's output is zero. Inside the last block the class token attends to the patch tokens, and
     the gradient reaches them (the choice pytorch-grad-cam documents for ViTs).
     """
-    from distill.models import HFClassifier
+    from distill.models import source_of
+    from distill.models.cam import cannot
 
     # the probes below must not update BatchNorm statistics, and a 1x1 map of one image cannot even train
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, HFClassifier):
-            target = _hf_vit_target(model, what)
-        elif callable(getattr(model, "forward_features", None)):
-            target = _timm_target(model, input_size, what)
-        else:
-            raise _cannot(what, model, "it is neither a timm model (no forward_features) nor a transformers ViT")
+        source = source_of(model)
+        if source is None:
+            raise cannot(what, model, "it is neither a timm model (no forward_features) nor a transformers ViT")
+        target = source.cam_target(model, input_size, what)
         return dataclasses.replace(target, map_size=_map_size(model, target, input_size, what))
     finally:
         model.train(was_training)
 
 
-def _hf_vit_target(model: nn.Module, what: str) -> Target:
-    blocks = [(name, m) for name, m in model.named_modules() if _HF_BLOCK.search(name)]
-    norm = getattr(blocks[-1][1], "layernorm_before", None) if blocks else None
-    if norm is None:
-        raise _cannot(what, model, f"{type(model.hf).__name__} has no ViT-style encoder layers with a "
-                                   "layernorm_before (only ViT, BEiT and DeiT are supported)")
-    return Target(norm, f"{blocks[-1][0]}.layernorm_before", "tokens", _pair(model.config.patch_size))
-
-
-def _timm_target(model: nn.Module, input_size: int, what: str) -> Target:
-    features, records = _probe(model, input_size)
-    if features.ndim == 3:
-        blocks = getattr(model, "blocks", None)
-        norm = getattr(blocks[-1], "norm1", None) if blocks is not None and len(blocks) else None
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if norm is None or patch is None:
-            raise _cannot(what, model, "its features are tokens, but it has no blocks[-1].norm1 and "
-                                       "patch_embed.patch_size (not a ViT-style model)")
-        return Target(norm, f"blocks.{len(blocks) - 1}.norm1", "tokens", _pair(patch))
-    producers = [name for name, out in records if out is features]
-    if features.ndim != 4 or not producers:
-        raise _cannot(what, model, f"forward_features gives a {features.ndim}-d tensor that no single layer "
-                                   "produces (expected a feature map or ViT tokens)")
-    layout = "NHWC" if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else "NCHW"
-    name = producers[-1]  # the outermost module (hooks fire inner modules first)
-    if layout == "NCHW" and min(features.shape[2:]) < 2:
-        shapes = {n: tuple(out.shape) for n, out in records if torch.is_tensor(out)}
-        name = _finer_stage(model, shapes) or name
-    return Target(model.get_submodule(name), name, layout)
-
-
-@torch.no_grad()
-def _probe(model: nn.Module, input_size: int) -> tuple[torch.Tensor, list[tuple[str, object]]]:
-    """forward_features on one blank image, and every module's output in the order the modules finished."""
-    records = []
-    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: records.append((name, out)))
-               for name, m in model.named_modules() if name]
-    try:
-        features = model.forward_features(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for h in handles:
-            h.remove()
-    return features, records
-
-
-def _finer_stage(model: nn.Module, shapes: dict[str, tuple]) -> str | None:
-    """The deepest timm `feature_info` stage whose map is at least 2x2 at the probed size, else None."""
-    for info in reversed(list(getattr(model, "feature_info", None) or [])):
-        shape = shapes.get(info.get("module")) if isinstance(info, dict) else None
-        if shape is not None and len(shape) == 4 and min(shape[2:]) >= 2:
-            return info["module"]
-    return None
-
-
 @torch.no_grad()
 def _map_size(model: nn.Module, target: Target, input_size: int, what: str) -> tuple[int, int]:
     """(h, w) of the target's map at this input size; fails now, naming the model, if it is not a map."""
+    from distill.models.cam import cannot
+
     seen = []
     handle = target.module.register_forward_hook(lambda _m, _a, out: seen.append(out))
     try:
@@ -148,25 +86,16 @@ def _map_size(model: nn.Module, target: Target, input_size: int, what: str) -> t
         handle.remove()
     out = seen[-1] if seen else None
     if not torch.is_tensor(out):
-        raise _cannot(what, model, f"its layer {target.name} gives no tensor")
+        raise cannot(what, model, f"its layer {target.name} gives no tensor")
     if target.layout == "tokens":
         grid = _grid(target, (input_size, input_size))
         if out.ndim != 3 or not 0 <= out.shape[1] - grid[0] * grid[1] <= MAX_PREFIX_TOKENS:
-            raise _cannot(what, model, f"{target.name} gives {tuple(out.shape)}, not the "
-                                       f"{grid[0]}x{grid[1]} patch grid of a {input_size} px input")
+            raise cannot(what, model, f"{target.name} gives {tuple(out.shape)}, not the "
+                                      f"{grid[0]}x{grid[1]} patch grid of a {input_size} px input")
         return grid
     if out.ndim != 4:
-        raise _cannot(what, model, f"{target.name} gives {tuple(out.shape)}, not a feature map")
+        raise cannot(what, model, f"{target.name} gives {tuple(out.shape)}, not a feature map")
     return tuple(out.shape[1:3] if target.layout == "NHWC" else out.shape[2:])
-
-
-def _cannot(what: str, model: nn.Module, why: str) -> DistillError:
-    name = getattr(model, "distill_spec", {}).get("model") or type(model).__name__
-    return DistillError(f"{what}: Grad-CAM cannot explain {name}: {why}")
-
-
-def _pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _grid(target: Target, size: tuple[int, int]) -> tuple[int, int]:
@@ -218,15 +147,17 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: Target,
 
 
 def explain_model(model: nn.Module, pre, target: Target, images: list[np.ndarray],
-                  classes: list[int] | None = None) -> dict[str, np.ndarray]:
-    """One model on a list of H x W x 3 uint8 images, each through the model's own eval transform.
+                  classes: list[int] | None = None, transform=None) -> dict[str, np.ndarray]:
+    """One model on a list of H x W x 3 uint8 images, each through the model's own eval transform (`transform`,
+    as `distill.models.load_for_eval` gives it; None: the default eval transform for `pre`).
 
     Returns `view` (N x S x S x 3 uint8: the eval crop the model sees), `cam` (N x S x S in [0, 1]) and
     `probs` (N x K softmax probabilities).
     """
-    from distill.data import build_transform
+    if transform is None:
+        from distill.data import build_transform
 
-    transform = build_transform(None, "eval", pre)
+        transform = build_transform(None, "eval", pre)
     x = torch.stack([transform(image) for image in images])
     cams, logits = [], []
     for start in range(0, len(x), BATCH):
@@ -311,16 +242,15 @@ def spread_over_classes(labels: np.ndarray, count: int) -> list[int]:
 
 
 def load_for_cam(role: str, model_dir: Path, classes: list[str]):
-    """(model in eval mode, preprocess, model.json, target layer) of one saved model."""
-    from distill.models import load_model
+    """(model in eval mode, preprocess, model.json, target layer, eval transform) of one saved model."""
+    from distill.models import load_for_eval
 
-    model, pre, info = load_model(model_dir)
+    model, pre, info, transform = load_for_eval(model_dir)
     if list(info["classes"]) != list(classes):
         raise DistillError(f"{model_dir}: the model's {len(info['classes'])} classes are not the {len(classes)} "
                            "classes of the run's validation data; is config.yaml from another run?")
-    model.eval()
     what = f"{role} ({model_dir})"
-    return model, pre, info, find_target(model, pre.input_size, what)
+    return model, pre, info, find_target(model, pre.input_size, what), transform
 
 
 # --- rendering and writing ---------------------------------------------------------------------
@@ -429,8 +359,9 @@ def main(argv=None):
     images = [val.load(i) for i in indices]
     labels = [int(val.labels[i]) for i in indices]
     results, models = {}, {}
-    for (role, model_dir), (model, pre, info, target) in zip(roles, loaded.values()):
-        results[role] = explain_model(model, pre, target, images, labels if args.cam_class == "label" else None)
+    for (role, model_dir), (model, pre, info, target, transform) in zip(roles, loaded.values()):
+        results[role] = explain_model(model, pre, target, images, labels if args.cam_class == "label" else None,
+                                      transform)
         cam_size = target.map_size
         models[role] = {"dir": str(model_dir), "model": info.get("model"), "input_size": pre.input_size,
                         "layer": target.name, "map": list(cam_size)}
@@ -440,7 +371,7 @@ def main(argv=None):
             print(f"warning: {role}: its feature map is 1x1 at {pre.input_size} px, so its maps show no location "
                   "(a larger input size gives a larger map)", file=sys.stderr, flush=True)
 
-    records, rows = image_rows(indices, val, results, {role: info for role, (_, _, info, _) in loaded.items()},
+    records, rows = image_rows(indices, val, results, {role: info for role, (_, _, info, _, _) in loaded.items()},
                                args.cam_class)
     out = Path(args.out) if args.out else run_dir / "explain"
     tb_dir = run_dir / "tb" / "explain"

@@ -1,6 +1,9 @@
 """Pure loss functions with their formulas; every one returns a float32 batch mean."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +135,41 @@ def kd_dist(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     p_s = F.softmax(student_logits.float() / temperature, dim=-1)
     p_t = teacher_probs.float()
     return temperature**2 * (beta * _pearson_distance(p_s, p_t, 1) + gamma * _pearson_distance(p_s, p_t, 0))
+
+
+# --- the KD losses a recipe can name (`students.N.kd.loss`) ------------------------------
+# One signature: (student logits, teacher probabilities, labels (-1: unlabeled), T, the `kd` section) → float32
+# scalar. `soft` losses match softmax(t / T) (standardised with `kd.standardize`, which then applies to the
+# student's logits too); the others match the teacher's one-hot decision (argmax). Their parameters are `kd`
+# keys, documented with `KDConfig` in distill/recipe: kl: temperature; dkd: dkd_alpha, dkd_beta; dist:
+# dist_beta, dist_gamma. A new loss is a function here, an entry below, and its test.
+@dataclass(frozen=True)
+class KDLoss:
+    fn: Callable[..., torch.Tensor]
+    soft: bool = True  # False: the target is the teacher's argmax, and no temperature applies
+
+
+def _kl(student_logits, teacher_probs, labels, temperature, kd):
+    return kd_kl(student_logits, teacher_probs, temperature)
+
+
+def _hard(student_logits, teacher_probs, labels, temperature, kd):
+    return kd_hard(student_logits, teacher_probs)
+
+
+def _dkd(student_logits, teacher_probs, labels, temperature, kd):
+    # the target class: the label, or for an unlabeled sample the teacher's decision
+    g = torch.where(labels >= 0, labels, teacher_probs.argmax(-1))
+    return kd_dkd(student_logits, teacher_probs, g, temperature, kd.dkd_alpha, kd.dkd_beta)
+
+
+def _dist(student_logits, teacher_probs, labels, temperature, kd):
+    return kd_dist(student_logits, teacher_probs, temperature, kd.dist_beta, kd.dist_gamma)
+
+
+KD_LOSSES: dict[str, KDLoss] = {
+    "kl": KDLoss(_kl),
+    "hard": KDLoss(_hard, soft=False),
+    "dkd": KDLoss(_dkd),
+    "dist": KDLoss(_dist),
+}

@@ -165,10 +165,11 @@ def describe_tta(cfg: TTAConfig | None) -> str:
 
 
 # --- predicting -----------------------------------------------------------------
-def predict_split(model, pre, split, tta: TTAConfig | None = None, batch_size: int = 64, augment: list | None = None):
+def predict_split(model, pre, split, tta: TTAConfig | None = None, batch_size: int = 64, augment: list | None = None,
+                  transform=None):
     """(float32 logits, labels) of every image of a `distill.data.Split`, in order, with the model's eval
-    transform (`augment`: a recipe's eval list; None: the default). Under TTA the logits are the log of the mean
-    probability over the views."""
+    transform: `transform` (as `distill.models.load_for_eval` gives it), else built from `augment` (a recipe's
+    eval list; None: the default). Under TTA the logits are the log of the mean probability over the views."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -176,7 +177,9 @@ def predict_split(model, pre, split, tta: TTAConfig | None = None, batch_size: i
     from distill.tta import tta_logits
 
     model.eval()
-    loader = DataLoader(ImageDataset(split, build_transform(augment, "eval", pre)), batch_size=batch_size)
+    if transform is None:
+        transform = build_transform(augment, "eval", pre)
+    loader = DataLoader(ImageDataset(split, transform), batch_size=batch_size)
     logits, labels = [], []
     with torch.inference_mode():
         for x, y in loader:
@@ -209,19 +212,18 @@ def main(argv=None):
     if args.batch_size < 1:
         raise DistillError(f"--batch-size: expected at least 1, got {args.batch_size}")
     model_dir = Path(args.model)
-    model, pre, info = load_model_dir(model_dir)
+    # the model with the eval transform it was evaluated with (its folder says which)
+    model, pre, info, transform = load_model_dir(model_dir)
     classes = list(info["classes"])
     images = find_images(args.images, classes, args.labels)
-    wants_recipe = args.tta or args.tta_scales or args.hflip is not None or model_dir.resolve().name == "teacher"
+    wants_recipe = args.tta or args.tta_scales or args.hflip is not None
     recipe = find_recipe(model_dir) if wants_recipe else None
     tta = tta_config(args, recipe)
-    # the teacher was evaluated with the recipe's teacher.augment.eval (students always use the default)
-    augment = recipe.teacher.augment.eval if recipe is not None and model_dir.resolve().name == "teacher" else None
     labels = images.labels if images.labels is not None else [UNLABELED] * len(images.paths)
     split = Split(classes, labels, paths=images.paths, name=str(args.images))
 
     start = time.perf_counter()
-    logits, _ = predict_split(model, pre, split, tta, args.batch_size, augment)
+    logits, _ = predict_split(model, pre, split, tta, args.batch_size, transform=transform)
     seconds = time.perf_counter() - start
     probs = logits.softmax(-1)
     write_text(Path(args.out), prediction_csv(images.names, probs, classes, images.labels))
@@ -237,12 +239,13 @@ def main(argv=None):
 
 
 def load_model_dir(model_dir: Path):
-    from distill.models import load_model
+    """(model, preprocess, model.json, eval transform) of a saved model (`distill.models.load_for_eval`)."""
+    from distill.models import load_for_eval
 
     if not model_dir.is_dir():
         raise DistillError(f"{model_dir}: no such model directory; give runs/<name>/teacher or "
                            "runs/<name>/students/<student>")
-    return load_model(model_dir)
+    return load_for_eval(model_dir)
 
 
 # --- diff -------------------------------------------------------------------------

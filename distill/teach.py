@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -22,18 +23,20 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-from distill import loop, targets
-from distill.checkpoint import Checkpoints
+from distill import store, training
+from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate, predict
+from distill.loaders import batch_rng, make_loader
 from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
-from distill.mix import mix_images, mix_targets
+from distill.mix import mix_images, mix_targets, sample_mix
 from distill.models import (
     Ensemble,
     OutOfFold,
     build_model,
     count_params,
+    load_for_eval,
     load_model,
     member_info,
     param_groups,
@@ -41,19 +44,11 @@ from distill.models import (
     save_ensemble,
     save_model,
 )
+from distill.optim import make_optimizer, make_scheduler
+from distill.policy import teacher_record
 from distill.recipe import dump_recipe, load_recipe, to_plain
-from distill.runs import (
-    finished,
-    hparams,
-    log_hparams,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    stage_fingerprint,
-    start_tracking,
-    write_json,
-    write_text,
-)
+from distill.record import SCORES, write_metrics
+from distill.runs import finished, hparams, log_hparams, stage_fingerprint, start_tracking, write_text
 
 
 def parse_args(argv=None):
@@ -77,7 +72,6 @@ def teacher_loss(logits, labels, num_classes, smoothing, mix, weights=None, gamm
     return {"loss": loss, "loss_ce": loss.detach()}
 
 
-@exit_on_error
 def main(argv=None):
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -123,7 +117,8 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
     classes, num_classes = train_split.classes, len(train_split.classes)
     model, pre = build_model(cfg, num_classes, where="teacher", classes=classes)
     train_tf = build_transform(cfg.augment.train, "train", pre, where="teacher.augment.train")
-    eval_tf = build_transform(cfg.augment.eval, "eval", pre, where="teacher.augment.eval")
+    eval_augment = cfg.augment.eval  # saved with the model: what scores it (compare, predict, audit, explain)
+    eval_tf = build_transform(eval_augment, "eval", pre, where="teacher.augment.eval")
     train_ds = ImageDataset(train_split, train_tf, seed=recipe.seed)
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
                                classes=train_split.labels, balance=cfg.imbalance.sampler)
@@ -154,51 +149,59 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
 
     checkpoints = Checkpoints(accelerator, out_dir, fingerprint, recipe.checkpoint.every_steps, name)
     prog = checkpoints.start(resume)
+    with StopSignal() as stop:
+        for epoch in training.epochs(prog, cfg.epochs):
+            model.train()
+            started, images = time.perf_counter(), 0
+            for i, (x, y) in training.resumable_batches(accelerator, train_loader, sampler, train_ds, prog, epoch,
+                                                        f"{name} {epoch + 1}/{cfg.epochs}", recipe.log.progress):
+                with accelerator.accumulate(model):
+                    mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(recipe.seed, accelerator.process_index, epoch, i))
+                    parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix, weights,
+                                         cfg.imbalance.focal_gamma)
+                    if not training.finite(parts["loss"], accelerator, prog, cfg.optim.max_bad_steps, "teacher",
+                                           out_dir):
+                        optimizer.zero_grad()
+                        continue
+                    accelerator.backward(parts["loss"])
+                    training.clip(accelerator, model, cfg.optim.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                images += len(y) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue  # a micro-batch of a gradient accumulation: no update yet
+                prog.step += 1
+                scheduler.step_update(prog.step)
+                training.log_step(accelerator, parts, optimizer, prog.step, recipe.log.every_steps, total_updates)
+                training.save_when_due(checkpoints, stop, prog, epoch, i + 1)
+            training.end_epoch(prog, epoch, started, images)
 
-    def loss_fn(batch, mix):
-        x, y = batch
-        return teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix, weights,
-                            cfg.imbalance.focal_gamma)
-
-    def save_best():
-        save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=_smoothing_record(recipe))
-
-    prog = loop.train(accelerator, recipe, cfg, "teacher", name, model=model, optimizer=optimizer,
-                      scheduler=scheduler, train_loader=train_loader, sampler=sampler, dataset=train_ds,
-                      val_loader=val_loader, num_classes=num_classes, total_updates=total_updates, seed=recipe.seed,
-                      out_dir=out_dir, checkpoints=checkpoints, prog=prog, loss_fn=loss_fn, save_best=save_best)
+            if training.eval_due(cfg, epoch):
+                metrics = evaluate(model, val_loader, accelerator, num_classes)
+                if training.select(accelerator, prog, metrics, epoch, cfg, name) and accelerator.is_main_process:
+                    save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=teacher_record(cfg),
+                               eval_augment=eval_augment)
+            training.save_epoch(checkpoints, stop, prog, epoch)
+            if training.stopped_early(accelerator, prog, epoch, cfg, "teacher", name):
+                break
     best = prog.best
 
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=_smoothing_record(recipe))
-        write_json(out_dir / "metrics.json", {
-            **best,
-            "best_epoch": best["epoch"],
-            "select_by": cfg.select_by,
-            "params": count_params(model),
-            "train_images_per_sec": prog.train_images / max(prog.train_seconds, 1e-9),
-            "epochs": cfg.epochs,
-            "epochs_trained": prog.epoch,
-            "stopped_early": prog.stopped_early,
-            "imbalance": to_plain(cfg.imbalance),
-            "seed": recipe.seed,
-            "wall_seconds": prog.clock(),
-            "model": cfg.model,
-            "card": cfg.card,
-            "input_size": pre.input_size,
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes,
-            "global_batch_size": global_batch,
-            "lr": lr,
-            "mix": {"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
-            **_smoothing_record(recipe),
-            "classes": classes,
-            "history": prog.history,
-            "fingerprint": fingerprint,
-        })
+        save_model(accelerator.unwrap_model(model), pre, out_dir / "last", classes, extra=teacher_record(cfg),
+                   eval_augment=eval_augment)
+        write_metrics(
+            out_dir / "metrics.json", best, params=count_params(model),
+            train_images_per_sec=prog.train_images / max(prog.train_seconds, 1e-9), epochs=cfg.epochs,
+            seed=recipe.seed, wall_seconds=prog.clock(), classes=classes, fingerprint=fingerprint,
+            best_epoch=best["epoch"], select_by=cfg.select_by, epochs_trained=prog.epoch,
+            stopped_early=prog.stopped_early, imbalance=to_plain(cfg.imbalance), model=cfg.model, card=cfg.card,
+            input_size=pre.input_size, mixed_precision=accelerator.mixed_precision,
+            num_processes=accelerator.num_processes, global_batch_size=global_batch, lr=lr,
+            mix={"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
+            **teacher_record(cfg), history=prog.history)
         accelerator.print(f"{name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     checkpoints.clear()  # the run is complete: its files above are the result
-    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in ("top1", "top5", "macro_f1", "nll", "ece")})
+    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in SCORES})
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the next fold's model and optimizer are prepared afresh
     return best
@@ -240,12 +243,13 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
         members.append(own)
     members += [Path(d) for d in cfg.ensemble_with]
     if accelerator.is_main_process:
-        save_ensemble(out_dir, members, cfg.ensemble_combine, classes, extra=_smoothing_record(recipe))
+        save_ensemble(out_dir, members, cfg.ensemble_combine, classes, extra=teacher_record(cfg),
+                      eval_augment=cfg.augment.eval)
     accelerator.wait_for_everyone()
 
     start_tracking(accelerator, "teacher")
     scores = {d: evaluate_dir(recipe, accelerator, d, val_split, num_classes) for d in [out_dir, *members]}
-    keys = ("top1", "top5", "macro_f1", "nll", "ece")
+    keys = SCORES
     for d in members:
         accelerator.print(f"member {d}: val top1 {scores[d]['top1']:.4f} macro_f1 {scores[d]['macro_f1']:.4f}")
     best = scores[out_dir]
@@ -258,20 +262,22 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
             fold_summary = {"k": cfg.folds, "heldout": [{k: m[k] for k in keys} for m in heldout],
                             **{f"{k}_mean": float(np.mean([m[k] for m in heldout])) for k in keys},
                             **{f"{k}_std": float(np.std([m[k] for m in heldout], ddof=1)) for k in keys}}
-        write_json(out_dir / "metrics.json", {
-            **best, "model": f"ensemble of {len(members)}", "card": cfg.card, "ensemble_combine": cfg.ensemble_combine,
+        trained_here = [json.loads((d / "metrics.json").read_text()) for d in members if d.parent == out_dir]
+        write_metrics(
+            out_dir / "metrics.json", best, params=ensemble_info["params"],  # the members' parameter count
+            # the members trained here (members trained elsewhere are not counted): their mean throughput, the
+            # sum of their wall time as the cost of this teacher
+            train_images_per_sec=(float(np.mean([m["train_images_per_sec"] for m in trained_here]))
+                                  if trained_here else None),
+            epochs=cfg.epochs, seed=recipe.seed, wall_seconds=sum(m.get("wall_seconds", 0.0) for m in trained_here),
+            classes=classes, fingerprint=teacher_fingerprint(recipe),
+            model=f"ensemble of {len(members)}", card=cfg.card, ensemble_combine=cfg.ensemble_combine,
             # dirs relative to teacher/ (as in model.json), so the run directory can move
-            "members": [{"dir": os.path.relpath(d.resolve(), out_dir.resolve()),
-                         "name": d.name if d.parent == out_dir else str(d),
-                         **{k: scores[d][k] for k in keys}} for d in members],
-            # both from the ensemble's model.json: the members' parameter count, the largest member input
-            "folds": fold_summary, "params": ensemble_info["params"],
-            "input_size": ensemble_info["preprocess"]["input_size"],
-            # the cost of this teacher: the members trained here (members trained elsewhere are not counted)
-            "wall_seconds": sum(_wall_seconds(d) for d in members if d.parent == out_dir),
-            "epochs": cfg.epochs, "seed": recipe.seed, "num_processes": accelerator.num_processes,
-            **_smoothing_record(recipe), "classes": classes, "fingerprint": teacher_fingerprint(recipe),
-        })
+            members=[{"dir": os.path.relpath(d.resolve(), out_dir.resolve()),
+                      "name": d.name if d.parent == out_dir else str(d),
+                      **{k: scores[d][k] for k in keys}} for d in members],
+            folds=fold_summary, input_size=ensemble_info["preprocess"]["input_size"],  # the largest member input
+            num_processes=accelerator.num_processes, **teacher_record(cfg))
     log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in keys})
     accelerator.wait_for_everyone()
     return best
@@ -279,9 +285,8 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
 
 def saved_model_batches(recipe, accelerator, model_dir: Path, split):
     """A saved model (or ensemble) on this process's device, and a prepared loader of `split` through the model's
-    own eval transform (`teacher.augment.eval`), as the teacher is evaluated while it trains."""
-    model, pre, _ = load_model(model_dir)
-    transform = build_transform(recipe.teacher.augment.eval, "eval", pre, where="teacher.augment.eval")
+    own eval transform (the one saved with it), as the teacher is evaluated while it trains."""
+    model, _, _, transform = load_for_eval(model_dir)
     loader = make_loader(ImageDataset(split, transform), recipe.teacher.eval_batch_size or recipe.teacher.batch_size,
                          recipe, train=False, world_size=accelerator.num_processes)
     return model.to(accelerator.device), accelerator.prepare(loader)
@@ -330,9 +335,9 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
                                "them with teacher.folds")
         model = OutOfFold(model, load_file(str(oof_file))["fold"])
     seed = recipe.seed if recipe.targets.seed is None else recipe.targets.seed
-    return targets.export(model.to(accelerator.device), pre, targets.Samples(train_split, unlabeled),
+    return store.export(model.to(accelerator.device), pre, store.Samples(train_split, unlabeled),
                           train_split.classes, recipe.targets, seed, recipe.run_dir / "targets", accelerator,
-                          targets.teacher_record(info), rebuild=rebuild, num_workers=recipe.data.num_workers,
+                          store.teacher_record(info), rebuild=rebuild, num_workers=recipe.data.num_workers,
                           progress=recipe.log.progress)
 
 
@@ -340,38 +345,9 @@ def teacher_fingerprint(recipe) -> str:
     return stage_fingerprint(recipe.seed, recipe.data, recipe.teacher)
 
 
-def _wall_seconds(model_dir: Path) -> float:
-    try:
-        return float(json.loads((model_dir / "metrics.json").read_text()).get("wall_seconds", 0.0))
-    except (OSError, ValueError):
-        return 0.0
-
-
 def _has_files(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def _smoothing_record(recipe) -> dict:
-    """What later stages must know about how the teacher's targets were shaped (see DESIGN.md, LS vs KD).
-
-    A card's pre-training smoothing shaped the targets only while its own head makes them: a fine-tune
-    (epochs > 0) trains the head on this data with `label_smoothing`, so then that setting is what counts.
-    """
-    cfg = recipe.teacher
-    fine_tuned = cfg.epochs > 0
-    if cfg.label_smoothing > 0 or (not fine_tuned and (cfg.pretrain_label_smoothing or 0) > 0):
-        smoothed = True
-    elif fine_tuned or cfg.pretrained is False:
-        smoothed = False
-    else:  # the card's own head, and the card does not say how it was trained
-        smoothed = None if cfg.pretrain_label_smoothing is None else False
-    return {
-        "label_smoothing": cfg.label_smoothing,
-        "pretrain_label_smoothing": cfg.pretrain_label_smoothing,
-        "fine_tuned": fine_tuned,
-        "trained_with_label_smoothing": smoothed,
-    }
-
-
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)()  # `distill <command>` wraps it in cli.main

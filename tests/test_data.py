@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distill import data
 from distill.data import (
     ImageDataset,
     Preprocess,
     Split,
     build_transform,
+    idx,
     load_splits,
     load_unlabeled,
     stratified_indices,
@@ -24,14 +24,14 @@ from distill.data import (
 from distill.errors import DistillError
 from distill.recipe import DataConfig
 
-HAVE_FASHION = data._idx_folder(data.FASHION_MNIST_DIR) is not None
-needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}")
+HAVE_FASHION = idx._idx_folder(idx.FASHION_MNIST_DIR) is not None
+needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {idx.FASHION_MNIST_DIR}")
 
 PRE = Preprocess(input_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), interpolation="bilinear")
 
 
 def _no_download(monkeypatch):
-    monkeypatch.setattr(data, "download_fashion_mnist", lambda dest, timeout=10.0: "disabled in tests")
+    monkeypatch.setattr(idx, "download_fashion_mnist", lambda dest, timeout=10.0: "disabled in tests")
 
 
 # --- fashion-mnist ------------------------------------------------------------
@@ -56,9 +56,9 @@ def test_fashion_mnist_given_split(fashion):
 
 @needs_fashion
 def test_fashion_mnist_from_env_subfolder(tmp_path, monkeypatch):
-    (tmp_path / "fashion-mnist").symlink_to(data.FASHION_MNIST_DIR)
+    (tmp_path / "fashion-mnist").symlink_to(idx.FASHION_MNIST_DIR)
     monkeypatch.setenv("DISTILL_DATA", str(tmp_path))
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(idx, "FASHION_MNIST_DIR", tmp_path / "nowhere")
     train, val = load_splits(DataConfig(subset=50))
     assert (len(train), len(val)) == (50, 50)
 
@@ -73,8 +73,8 @@ def test_fashion_mnist_missing_explicit_root(tmp_path):
 def test_fashion_mnist_not_found_anywhere(tmp_path, monkeypatch):
     (tmp_path / "env").mkdir()
     monkeypatch.setenv("DISTILL_DATA", str(tmp_path / "env"))
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "system")
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(idx, "FASHION_MNIST_DIR", tmp_path / "system")
+    monkeypatch.setattr(idx, "CACHE_DIR", tmp_path / "cache")
     _no_download(monkeypatch)
     with pytest.raises(DistillError, match="apt-get install dataset-fashion-mnist") as e:
         load_splits(DataConfig())
@@ -84,10 +84,10 @@ def test_fashion_mnist_not_found_anywhere(tmp_path, monkeypatch):
 def test_read_idx_plain_and_corrupt(tmp_path):
     raw = b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
     (tmp_path / "ok").write_bytes(raw + bytes(range(24)))
-    assert data.read_idx(tmp_path / "ok")[1, 2, 3] == 23
+    assert idx.read_idx(tmp_path / "ok")[1, 2, 3] == 23
     (tmp_path / "short").write_bytes(raw + bytes(5))
     with pytest.raises(DistillError, match="short: truncated"):
-        data.read_idx(tmp_path / "short")
+        idx.read_idx(tmp_path / "short")
 
 
 # --- digits and splits --------------------------------------------------------
@@ -443,9 +443,9 @@ def test_unlabeled_rows_are_never_stratified():
 
 @needs_fashion
 def test_idx_files_are_parsed_once():
-    data._parse_idx.cache_clear()
+    idx._parse_idx.cache_clear()
     _unlabeled(subset=10, unlabeled="rest")
-    info = data._parse_idx.cache_info()
+    info = idx._parse_idx.cache_info()
     assert info.misses == 4 and info.hits >= 4
 
 

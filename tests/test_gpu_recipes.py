@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.data import build_transform
-from distill.learn import fixres_parts
+from distill.fixres import fixres_parts
 from distill.models import build_model, count_params, param_groups
 from distill.recipe import load_recipe
 

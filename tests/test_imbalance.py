@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from distill.data import long_tail_indices
 from distill.losses import class_weights, soft_cross_entropy, weighted_cross_entropy
 from distill.recipe import load_recipe
-from distill.runs import EpochSampler
+from distill.loaders import EpochSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

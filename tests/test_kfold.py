@@ -127,7 +127,7 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
     assert store["teacher"]["sha256"] == json.loads((teacher / "model.json").read_text())["sha256"]
     assert store["logits"]["source"] == "out-of-fold"
     # targets.oof: a labeled image's stored logits are its held-out fold teacher's, not the ensemble's
-    from distill.targets import TargetStore, render, to_tensor
+    from distill.store import TargetStore, render, to_tensor
     targets_store = TargetStore(tmp_path / "tiny-timm" / "targets")
     ensemble, pre, _ = load_model(teacher)
     for i in (0, 1, len(train) - 1):

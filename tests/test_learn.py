@@ -192,7 +192,7 @@ def torch_equal(a, b):
 def test_fixres_parts_of_timm_students():
     import timm
 
-    from distill.learn import fixres_parts
+    from distill.fixres import fixres_parts
     model = timm.create_model("resnet50", num_classes=10)
     trained, norms = fixres_parts(model, train_last_block=False, where="students.0")
     assert model.fc in trained and model.layer4[2].bn3 in norms and model.layer4[1].bn3 not in norms

@@ -118,3 +118,23 @@ def test_every_shipped_recipe_loads():
     assert kinds["baseline"].kd.loss == "none" and kinds["kd"].kd.loss != "none"
     assert kinds["kd"].mix.cutmix_alpha > 0 and kinds["kd"].fixres is not None
     assert quick.teacher.card == "efficientnet-lite0"  # real weights that work offline
+
+
+def test_every_card_loads_and_setup_cfg_installs_every_package():
+    import configparser
+    from pathlib import Path
+
+    from distill.recipe import card_names, load_card
+
+    assert {"beit-base", "tiny-vit", "efficientnet-lite0"} <= set(card_names())
+    for name in card_names():
+        assert load_card(name)["model"].partition(":")[0] in ("hf", "timm")
+    # setup.cfg lists its packages (distill.teachers is the top-level teachers/ folder, which find: cannot see):
+    # a sub-package missing from the list would be missing from a non-editable install
+    root = Path(__file__).resolve().parent.parent
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "distill").rglob("__init__.py")}
+    assert on_disk | {"distill.teachers"} == listed
+    assert (root / "teachers" / "README.md").is_file()

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill import targets
-from distill.data import load_splits, load_unlabeled
-from distill.models import load_model
+from distill import store
+from distill.data import Preprocess, load_splits, load_unlabeled
+from distill.errors import DistillError
+from distill.models import load_model, sha256_file
 from distill.recipe import TargetsConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +41,9 @@ def fp16_tolerance(z: np.ndarray) -> np.ndarray:
     return np.abs(z) * 2.0**-11 + 1e-6
 
 
-def all_rows(store):
-    n, r = store.num_samples, store.rows_per_sample
-    return store.rows(np.repeat(np.arange(n), r), np.tile(np.arange(r), n))
+def all_rows(reader):
+    n, r = reader.num_samples, reader.rows_per_sample
+    return reader.rows(np.repeat(np.arange(n), r), np.tile(np.arange(r), n))
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,10 @@ def run_dir(tmp_path_factory):
 # --- views -------------------------------------------------------------------------
 def test_views_are_deterministic_and_follow_the_spec():
     spec = TargetsConfig(views=8, scale=(0.25, 1.0), hflip=0.5)
-    a = targets.view_params(spec, 0, 17, 28, 40)
-    assert np.array_equal(a, targets.view_params(spec, 0, 17, 28, 40))  # any process draws the same
-    assert not np.array_equal(a, targets.view_params(spec, 1, 17, 28, 40))
-    boxes = np.stack([targets.draw_view(spec, 0, i, 0, 28, 40) for i in range(500)])
+    a = store.view_params(spec, 0, 17, 28, 40)
+    assert np.array_equal(a, store.view_params(spec, 0, 17, 28, 40))  # any process draws the same
+    assert not np.array_equal(a, store.view_params(spec, 1, 17, 28, 40))
+    boxes = np.stack([store.draw_view(spec, 0, i, 0, 28, 40) for i in range(500)])
     assert (boxes[:, :4] >= 0).all() and (boxes[:, :4] <= 1).all()
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -73,16 +74,16 @@ def test_render_crops_the_same_pixels_for_every_model():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     spec = TargetsConfig(views=20)
-    for p in targets.view_params(spec, 3, 0, 37, 53):
+    for p in store.view_params(spec, 3, 0, 37, 53):
         y0, x0 = round(p[0] * 37), round(p[1] * 53)
         y1, x1 = round(p[2] * 37), round(p[3] * 53)
         crop = image[y0:y1, x0:x1]
         crop = crop[:, ::-1] if p[4] else crop
         # rendered at the crop's own size there is no resampling: exactly the crop's pixels
         if y1 - y0 == x1 - x0:
-            assert np.array_equal(targets.render(image, p, y1 - y0, "bilinear"), crop)
+            assert np.array_equal(store.render(image, p, y1 - y0, "bilinear"), crop)
         # any model size resamples that same crop
-        big = targets.render(image, p, 64, "bicubic")
+        big = store.render(image, p, 64, "bicubic")
         assert big.shape == (64, 64, 3) and big.dtype == np.uint8
 
 
@@ -91,7 +92,7 @@ def test_topk_reconstruction_keeps_the_top_and_the_tail_mass():
     lse = z.logsumexp(-1)
     for k in (5, 20, 100):
         top = z.topk(k, -1)
-        rec = torch.from_numpy(targets.reconstruct_topk(top.values.numpy(), top.indices.numpy(), lse.numpy(), 100))
+        rec = torch.from_numpy(store.reconstruct_topk(top.values.numpy(), top.indices.numpy(), lse.numpy(), 100))
         p, q = z.softmax(-1), rec.softmax(-1)
         assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-5)
         assert torch.allclose(q.sum(-1), torch.ones(50), atol=1e-5)
@@ -116,14 +117,14 @@ def test_label_smoothing_signature():
     alpha = 0.1
     smooth = np.full((n, k), alpha / k)
     smooth[np.arange(n), labels] = 1 - alpha + alpha / k
-    d = targets.diagnostics(fake_store(smooth))
+    d = store.diagnostics(fake_store(smooth))
     assert d["label_smoothing_suspected"] and d["implied_alpha"] == pytest.approx(alpha, abs=1e-4)
     assert d["top1_center"] == 1.0
 
     peaked = rng.dirichlet(np.full(k, 0.1), n) * 0.002  # uneven tail ...
     peaked[np.arange(n), labels] = 0.998  # ... under a confident top class
     peaked /= peaked.sum(1, keepdims=True)
-    d = targets.diagnostics(fake_store(peaked))
+    d = store.diagnostics(fake_store(peaked))
     assert not d["label_smoothing_suspected"] and d["implied_alpha"] < 0.01
 
 
@@ -140,22 +141,22 @@ def test_store_layout_and_manifest(run_dir):
                 "label_smoothing_suspected"):
         assert key in m["diagnostics"]
     for s in m["shards"]:
-        assert targets.sha256_file(run_dir / "targets" / s["file"]) == s["sha256"]
+        assert sha256_file(run_dir / "targets" / s["file"]) == s["sha256"]
     assert not list((run_dir / "targets").glob(".*tmp"))
 
 
 def test_replaying_a_view_reproduces_the_stored_logits(run_dir):
-    store = targets.TargetStore(run_dir / "targets")
+    reader = store.TargetStore(run_dir / "targets")
     model, pre, _ = load_model(run_dir / "teacher")
     recipe = load_recipe(ROOT / RECIPE, [f"output_dir={run_dir.parent}", *BASE])
     train, _ = load_splits(recipe.data)
     rng = np.random.default_rng(1)
     samples, views = rng.integers(0, 400, 64), rng.integers(0, 4, 64)
-    rows = store.rows(samples, views)
-    pixels = np.stack([targets.render(train.load(i), p, pre.input_size, pre.interpolation)
+    rows = reader.rows(samples, views)
+    pixels = np.stack([store.render(train.load(i), p, pre.input_size, pre.interpolation)
                        for i, p in zip(samples, rows["params"])])
     with torch.inference_mode():
-        z = model.eval()(targets.to_tensor(pixels, pre)).numpy()
+        z = model.eval()(store.to_tensor(pixels, pre)).numpy()
     diff = np.abs(z - rows["logits"])
     print(f"replay: max |logit - stored| = {diff.max():.2e} over {len(samples)} random rows")
     assert (diff <= fp16_tolerance(z)).all(), diff.max()
@@ -163,37 +164,37 @@ def test_replaying_a_view_reproduces_the_stored_logits(run_dir):
     spec = recipe.targets
     for i, v, p in zip(samples, views, rows["params"]):
         image = train.load(i)
-        expected = targets.view_params(spec, recipe.seed, int(i), *image.shape[:2])[v]
+        expected = store.view_params(spec, recipe.seed, int(i), *image.shape[:2])[v]
         assert np.array_equal(p, expected)
 
 
 def test_replay_dataset_gives_the_student_the_teachers_view(run_dir):
-    store = targets.TargetStore(run_dir / "targets")
+    reader = store.TargetStore(run_dir / "targets")
     recipe = load_recipe(ROOT / RECIPE, [f"output_dir={run_dir.parent}", *BASE])
     train, _ = load_splits(recipe.data)
-    student = targets.Preprocess(input_size=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    ds = targets.ReplayDataset(store, targets.Samples(train), student, seed=0)
+    student = Preprocess(input_size=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    ds = store.ReplayDataset(reader, store.Samples(train), student, seed=0)
     seen = set()
     for epoch in range(3):
         ds.set_epoch(epoch)
         seen.add(ds.view_of(5))
         x, label, logits = ds[5]
-        row = store.row(5, ds.view_of(5))
+        row = reader.row(5, ds.view_of(5))
         assert x.shape == (3, 40, 40) and label == train.labels[5]
         assert torch.equal(logits, torch.from_numpy(row["logits"]))
-        expected = targets.to_tensor(targets.render(train.load(5), row["params"], 40, "bicubic"), student)
+        expected = store.to_tensor(store.render(train.load(5), row["params"], 40, "bicubic"), student)
         assert torch.equal(x, expected)
     assert seen <= {0, 1, 2}  # random views only; the center view is for evaluation
-    center = targets.ReplayDataset(store, targets.Samples(train), student, view="center")
+    center = store.ReplayDataset(reader, store.Samples(train), student, view="center")
     assert center.view_of(7) == 3
 
 
 def test_reader_is_memory_mapped_and_reads_in_constant_memory(run_dir):
-    store = targets.TargetStore(run_dir / "targets")
-    assert all(isinstance(a, np.memmap) for a in store._shard(0).values())
+    reader = store.TargetStore(run_dir / "targets")
+    assert all(isinstance(a, np.memmap) for a in reader._shard(0).values())
     tracemalloc.start()
     for lo in range(0, 400, 40):
-        store.rows(np.arange(lo, lo + 40), np.full(40, 2))
+        reader.rows(np.arange(lo, lo + 40), np.full(40, 2))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 64 * 1024  # a batch at a time, never the store (≈ 32 kB of logits per 400 samples)
@@ -216,9 +217,9 @@ def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
     r = teach(tmp_path, "seed=1", check=False)
     assert r.returncode == 2 and "--rebuild-targets" in r.stderr and "epoch 1" not in r.stdout
     # a reader that expects another teacher refuses the store too
-    store = targets.TargetStore(tmp_path / "tiny-vit" / "targets")
-    with pytest.raises(targets.DistillError, match="teacher.sha256"):
-        store.check({"teacher.sha256": "0" * 64})
+    reader = store.TargetStore(tmp_path / "tiny-vit" / "targets")
+    with pytest.raises(DistillError, match="teacher.sha256"):
+        reader.check({"teacher.sha256": "0" * 64})
     # the flag rebuilds it
     teach(tmp_path, "seed=1", "--rebuild-targets")
     r = teach(tmp_path, "seed=1", "--export-only")
@@ -228,15 +229,15 @@ def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
 def test_a_truncated_or_altered_shard_is_caught_and_exported_again(tmp_path, run_dir):
     shutil.copytree(run_dir, tmp_path / "tiny-vit")
     store_dir = tmp_path / "tiny-vit" / "targets"
-    intact = all_rows(targets.TargetStore(store_dir))
-    targets.TargetStore(store_dir).verify()
+    intact = all_rows(store.TargetStore(store_dir))
+    store.TargetStore(store_dir).verify()
     shard1, shard4 = store_dir / "shard-00001.safetensors", store_dir / "shard-00004.safetensors"
     shard1.write_bytes(shard1.read_bytes()[:-100])  # truncated
     data = bytearray(shard4.read_bytes())
     data[-10] ^= 0xFF  # one flipped byte in the logits: the file still parses
     shard4.write_bytes(bytes(data))
-    with pytest.raises(targets.DistillError, match=r"shard-00001.safetensors is damaged .* and 1 more"):
-        targets.TargetStore(store_dir).verify()
+    with pytest.raises(DistillError, match=r"shard-00001.safetensors is damaged .* and 1 more"):
+        store.TargetStore(store_dir).verify()
     # learn refuses the store rather than train on it
     r = run("distill", "learn", RECIPE, f"output_dir={tmp_path}", *BASE, "students=[{name: s, model: 'timm:resnet10t', "
             "resolution: 28, epochs: 1}]", check=False)
@@ -244,10 +245,10 @@ def test_a_truncated_or_altered_shard_is_caught_and_exported_again(tmp_path, run
     # --export-only exports exactly the damaged shards again
     r = teach(tmp_path, "--export-only")
     assert "shard-00001.safetensors, shard-00004.safetensors damaged" in r.stdout, r.stdout[-2000:]
-    store = targets.TargetStore(store_dir)
-    store.verify()
-    assert store.manifest["export"]["rows_exported_now"] == 2 * 64 * 4
-    again = all_rows(store)
+    reader = store.TargetStore(store_dir)
+    reader.verify()
+    assert reader.manifest["export"]["rows_exported_now"] == 2 * 64 * 4
+    again = all_rows(reader)
     assert np.array_equal(again["params"], intact["params"])
     assert np.allclose(again["logits"], intact["logits"], rtol=2**-10, atol=1e-6)
 
@@ -267,14 +268,14 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_export(tmp_path, run
     proc.wait()
     done = len(list(store_dir.glob("shard-*.json")))
     assert 3 <= done < 13 and not (store_dir / "manifest.json").exists(), done
-    with pytest.raises(targets.DistillError, match="no store"):
-        targets.TargetStore(store_dir)
+    with pytest.raises(DistillError, match="no store"):
+        store.TargetStore(store_dir)
 
     r = run(*cmd)
     assert "targets:" in r.stdout
     run("distill", "teach", RECIPE, f"output_dir={tmp_path / 'whole'}", *BASE, *extra, "--export-only")
-    resumed = targets.TargetStore(store_dir)
-    whole = targets.TargetStore(tmp_path / "whole" / "tiny-vit" / "targets")
+    resumed = store.TargetStore(store_dir)
+    whole = store.TargetStore(tmp_path / "whole" / "tiny-vit" / "targets")
     assert resumed.manifest["export"]["rows_exported_now"] < 6400 * 4  # the complete shards were kept
     assert resumed.manifest["num_unlabeled"] == 6000
     a, b = all_rows(resumed), all_rows(whole)
@@ -289,8 +290,8 @@ def test_two_processes_write_every_row_once_and_match_one_process(tmp_path, run_
     (tmp_path / "tiny-vit").mkdir()
     shutil.copytree(run_dir / "teacher", tmp_path / "tiny-vit" / "teacher")
     teach(tmp_path, "--export-only", launcher=("torchrun", "--nproc_per_node", "2", "distill/teach.py"))
-    two = targets.TargetStore(tmp_path / "tiny-vit" / "targets")
-    one = targets.TargetStore(run_dir / "targets")
+    two = store.TargetStore(tmp_path / "tiny-vit" / "targets")
+    one = store.TargetStore(run_dir / "targets")
     assert two.manifest["export"]["num_processes"] == 2 and two.manifest["fingerprint"] == one.manifest["fingerprint"]
     starts = [s["first_sample"] for s in two.manifest["shards"]]
     assert starts == sorted(set(starts)) and sum(s["num_samples"] for s in two.manifest["shards"]) == 400
@@ -305,7 +306,7 @@ def test_unlabeled_images_come_after_the_labeled_ones():
     recipe = load_recipe(ROOT / RECIPE, [*BASE, "data.unlabeled=rest", "data.unlabeled_subset=50"])
     train, val = load_splits(recipe.data)
     unlabeled = load_unlabeled(recipe.data, train, val)
-    samples = targets.Samples(train, unlabeled)
+    samples = store.Samples(train, unlabeled)
     assert len(samples) == 450 and samples.num_labeled == 400
     assert (samples.labels[400:] == -1).all()
     assert samples.describe(420).startswith("fashion-mnist:train")  # exported: the SIGKILL test

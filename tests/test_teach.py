@@ -243,9 +243,10 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path
     assert r.returncode == 0 and "non-finite loss at step" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
-def test_finite_or_skip_decides_the_same_on_every_step():
+def test_finite_guard_decides_the_same_on_every_step(tmp_path):
+    from distill.checkpoint import Progress
     from distill.errors import DistillError
-    from distill.runs import finite_or_skip
+    from distill.training import finite
 
     class One:  # a single-process accelerator
         num_processes = 1
@@ -253,9 +254,14 @@ def test_finite_or_skip_decides_the_same_on_every_step():
         def print(self, *a):
             pass
 
-    bad = []
-    assert finite_or_skip(torch.tensor(1.5), One(), bad, 1, 2, "teacher", "nothing was saved yet")
-    assert not finite_or_skip(torch.tensor(float("nan")), One(), bad, 2, 2, "teacher", "x")
-    assert not finite_or_skip(torch.tensor(float("inf")), One(), bad, 3, 2, "teacher", "x")
-    with pytest.raises(DistillError, match=r"at step 4 \(3 bad steps: \[2, 3, 4\]\); kept here"):
-        finite_or_skip(torch.tensor(float("nan")), One(), bad, 4, 2, "teacher", "kept here")
+    prog = Progress()
+    assert finite(torch.tensor(1.5), One(), prog, 2, "teacher", tmp_path)
+    for step in (1, 2):  # the guard names the step about to be taken
+        prog.step = step
+        assert not finite(torch.tensor(float("nan") if step == 1 else float("inf")), One(), prog, 2, "teacher",
+                          tmp_path)
+    prog.step = 3
+    prog.best = {"epoch": 1, "top1": 0.5}
+    with pytest.raises(DistillError, match=r"at step 4 \(3 bad steps: \[2, 3, 4\]\); the checkpoint of epoch 1 "
+                                           r"\(val top1 0.5000\) in .* is kept"):
+        finite(torch.tensor(float("nan")), One(), prog, 2, "teacher", tmp_path)

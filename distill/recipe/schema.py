@@ -1,22 +1,9 @@
-"""Recipes: YAML → frozen typed dataclasses, strict validation, dotted overrides, teacher cards, resolved dump."""
+"""The recipe schema: frozen typed dataclasses, their field constraints, and the registries some fields name."""
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
-
-from distill.errors import DistillError
-
-CARDS_DIR = Path(__file__).parent / "teachers"
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+from typing import Any, Literal
 
 
 # --- field constraints -------------------------------------------------------
@@ -50,10 +37,38 @@ def _half_open_unit():
     return {"check": ("a number in (0, 1]", lambda v: 0 < v <= 1)}
 
 
+# --- extension points ----------------------------------------------------------
+# A field whose values name an entry of a plain-dict registry: adding a data source or a KD loss is one entry in
+# its own module. The registries are imported when a recipe is checked, not here: their modules import the
+# schema (cycles), and they pull in torch and friends.
+def _data_sources() -> tuple[str, ...]:
+    from distill.data.sources import SOURCES
+
+    return tuple(SOURCES)
+
+
+def _kd_losses() -> tuple[str, ...]:
+    from distill.losses import KD_LOSSES
+
+    return ("none", *KD_LOSSES)  # none: a recipe-level value, the labels-only baseline (no KD term)
+
+
+def model_sources() -> tuple[str, ...]:
+    """The model families a `model: "<prefix>:<name>"` may name ("timm", "hf")."""
+    from distill.models.sources import SOURCES
+
+    return tuple(SOURCES)
+
+
+def _one_of(names):
+    # checked like a Literal (same message, any value not in the registry), but the names are looked up late
+    return {"choices": names}
+
+
 # --- the schema --------------------------------------------------------------
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["fashion-mnist", "digits", "imagefolder", "csv"] = "fashion-mnist"
+    source: str = field(default="fashion-mnist", metadata=_one_of(_data_sources))  # distill.data.sources
     # builtin: folder of idx files; imagefolder: root/<class>/*; csv: the csv file
     root: str | None = None
     # a given validation set (imagefolder folder or csv file); fashion-mnist's is its test split
@@ -199,7 +214,8 @@ class TargetsConfig:
 class KDConfig:
     """How a student learns from the teacher: loss = (1 - weight) · CE(labels) + weight · KD."""
 
-    loss: Literal["none", "kl", "hard", "dkd", "dist"] = "kl"  # none: the labels-only baseline
+    # distill.losses.KD_LOSSES, or none: the labels-only baseline
+    loss: str = field(default="kl", metadata=_one_of(_kd_losses))
     temperature: float = field(default=4.0, metadata=_positive())
     weight: float = field(default=0.5, metadata=_unit())  # 1 = pure function matching
     standardize: bool = False  # logit standardisation (Sun et al. 2024) before softmax(·/T)
@@ -296,260 +312,3 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-
-# Card keys that describe the weights rather than configure them; kept out of TeacherConfig.
-CARD_INFO_KEYS = ("description", "source_url", "licence", "notes", "paper")
-CARD_MODEL_KEYS = ("model", "pretrained", "hf_config", "timm_kwargs", "input_size", "mean", "std",
-                   "interpolation", "crop_pct", "pretrain_label_smoothing")
-
-
-# --- loading -----------------------------------------------------------------
-def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe file, apply `key.path=value` overrides and teacher card, validate strictly."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistillError(f"{path}: recipe file not found")
-    raw = _read_yaml(path)
-    if not isinstance(raw, dict):
-        raise DistillError(f"{path}: a recipe is a YAML mapping of sections (name, data, teacher, ...)")
-    raw.setdefault("name", path.stem)
-    for item in overrides:
-        apply_override(raw, item)
-    return recipe_from_dict(raw)
-
-
-def recipe_from_dict(raw: dict) -> Recipe:
-    raw = dict(raw)
-    if isinstance(raw.get("students"), list):
-        # `kd: none` (the baseline) or `kd: dkd` is shorthand for `kd: {loss: ...}`
-        raw["students"] = [{**s, "kd": {"loss": s["kd"]}} if isinstance(s, dict) and isinstance(s.get("kd"), str)
-                           else s for s in raw["students"]]
-    if isinstance(raw.get("teacher"), dict) and raw["teacher"].get("card"):
-        if not isinstance(raw["teacher"]["card"], str):
-            raise DistillError(f"teacher.card: expected a card name or a path to a card .yaml, "
-                               f"got {raw['teacher']['card']!r}")
-        raw["teacher"] = merge_card(raw["teacher"])
-    recipe = _build(Recipe, raw, "")
-    _check_recipe(recipe)
-    return recipe
-
-
-def load_card(name: str) -> dict:
-    """A teacher card by name (teachers/<name>.yaml) or by path to a YAML file."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else CARDS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
-        raise DistillError(f"teacher.card: no card {name!r}; known cards: {', '.join(known)} "
-                           "(or give the path to a card .yaml)")
-    card = _read_yaml(path)
-    if not isinstance(card, dict):
-        raise DistillError(f"{path}: a teacher card is a YAML mapping")
-    unknown = set(card) - set(CARD_INFO_KEYS) - set(CARD_MODEL_KEYS)
-    if unknown:
-        raise DistillError(f"{path}: unknown card key {min(unknown)!r}; "
-                           f"expected one of {', '.join(CARD_MODEL_KEYS + CARD_INFO_KEYS)}")
-    return card
-
-
-def merge_card(teacher: dict) -> dict:
-    """The card's model fields are defaults; the recipe's teacher section overrides them."""
-    card = load_card(teacher["card"])
-    merged = {k: v for k, v in card.items() if k in CARD_MODEL_KEYS}
-    for key, value in teacher.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in a raw recipe dict; the value is parsed as YAML (`3`, `true`, `[1, 2]`)."""
-    if "=" not in item:
-        raise DistillError(f"override {item!r}: expected key.path=value")
-    key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    parts = key.strip().split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = node[_list_index(node, part, where)]
-        else:
-            node = node.setdefault(part, {})
-        if node is None:
-            raise DistillError(f"override {key}: {where} is null; set it as a mapping first")
-        if not isinstance(node, (dict, list)):
-            raise DistillError(f"override {key}: {where} is not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, key)] = value
-    else:
-        node[last] = value
-
-
-def _list_index(items: list, part: str, where: str) -> int:
-    """A list element by position (`students.0`) or by its `name` (`students.resnet18`)."""
-    if part.isdigit() and int(part) < len(items):
-        return int(part)
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == part:
-            return i
-    raise DistillError(f"override {where}: no element {part!r} (use an index or a name)")
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML; loading it again gives the same recipe."""
-    return yaml.safe_dump(to_plain(recipe), sort_keys=False)
-
-
-def to_plain(obj):
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _read_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise DistillError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-
-
-def _check_recipe(recipe: Recipe) -> None:
-    if not recipe.name or "/" in recipe.name or recipe.name.startswith("."):
-        raise DistillError(f"name: expected a plain run name (no '/'), got {recipe.name!r}")
-    if not recipe.teacher.model.startswith(("hf:", "timm:")):
-        raise DistillError(f"teacher.model: expected 'hf:<hub id or dir>' or 'timm:<name>' "
-                           f"(or a teacher.card), got {recipe.teacher.model!r}")
-    names = [s.name for s in recipe.students]
-    for i, s in enumerate(recipe.students):
-        if s.name in names[:i]:
-            raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
-        if not s.model.startswith(("hf:", "timm:")):
-            raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
-    if recipe.targets.oof and not recipe.teacher.folds:
-        raise DistillError("targets.oof: out-of-fold targets need fold teachers; set teacher.folds (e.g. 5)")
-    if recipe.data.group_column is not None and recipe.data.source != "csv":
-        raise DistillError(f"data.group_column: only a csv source has columns; data.source is {recipe.data.source!r}")
-    for i, scale in enumerate(recipe.tta.scales):
-        if not 0.5 <= scale <= 2:
-            raise DistillError(f"tta.scales.{i}: expected a scale in [0.5, 2], got {scale!r}")
-    if not recipe.tta.scales:
-        raise DistillError("tta.scales: expected at least one scale, e.g. [1.0]")
-    t = recipe.targets
-    for key in ("scale", "ratio"):
-        lo, hi = getattr(t, key)
-        if not 0 < lo <= hi or (key == "scale" and hi > 1):
-            raise DistillError(f"targets.{key}: expected [low, high] with 0 < low <= high"
-                               f"{' <= 1' if key == 'scale' else ''}, got {[lo, hi]}")
-    for section in ("train", "eval"):
-        for j, t in enumerate(getattr(recipe.teacher.augment, section) or []):
-            if not isinstance(t.get("name"), str):
-                raise DistillError(f"teacher.augment.{section}.{j}: expected a mapping with "
-                                   f"'name: <albumentations class>', got {t!r}")
-
-
-# --- the strict dict → dataclass builder --------------------------------------
-def _build(cls, raw, path: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise DistillError(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(fields)}"
-            raise DistillError(f"{_join(path, key)}: unknown key{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        where = _join(path, name)
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise DistillError(f"{where}: missing (required)")
-            continue
-        check = f.metadata.get("check")
-        try:
-            value = _convert(hints[name], raw[name], where)
-        except DistillError:
-            if not check:
-                raise
-            # a wrong type: name the whole expectation, not just the type
-            raise DistillError(f"{where}: expected {check[0]}, got {raw[name]!r}") from None
-        if check and value is not None and not check[1](value):
-            raise DistillError(f"{where}: expected {check[0]}, got {raw[name]!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _convert(hint, value, where):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        sections = [a for a in args if dataclasses.is_dataclass(a)]
-        if isinstance(value, dict) and len(sections) == 1:  # a section: its own error names the key inside
-            return _build(sections[0], value, where)
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, where)
-            except DistillError as e:
-                errors.append(str(e).split(": expected ", 1)[-1].split(", got")[0])
-        expected = " or ".join(errors) + (" or null" if type(None) in args else "")
-        raise DistillError(f"{where}: expected {expected}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise DistillError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise DistillError(f"{where}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise DistillError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_convert(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise DistillError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise DistillError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DistillError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads `2e-3` (no dot) as a string; the user meant a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DistillError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise DistillError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"recipe schema: unsupported type {hint} at {where}")
-
-
-def _join(path, key):
-    return f"{path}.{key}" if path else str(key)

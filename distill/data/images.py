@@ -1,0 +1,56 @@
+"""Images on disk: the file extensions read, finding them, decoding them to RGB uint8, a disk source's root."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distill.errors import DistillError
+from distill.recipe import DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Grey → 3 equal channels (so RGB models accept it), RGBA → RGB; a 3-channel image is returned as is."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    return image[:, :, :3] if image.shape[2] == 4 else image
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):
+                # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips to 255 instead of scaling.
+                grey = np.clip(np.asarray(img, dtype=np.float32), 0, 65535) / 257
+                return to_rgb(np.round(grey).astype(np.uint8))
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{path}: cannot read image ({e}); fix or remove the file") from None
+
+
+def image_files(folder: Path) -> list[str]:
+    """The images under `folder`, recursively, sorted (os.walk order is the filesystem's; sorting makes
+    splits reproducible). Hidden folders and files are skipped: .ipynb_checkpoints holds copies, and
+    macOS's ._x.jpg files are metadata that PIL cannot read."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(parent, f) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+
+def required_root(cfg: DataConfig, what: str) -> Path:
+    """data.root of a source that reads files (imagefolder, csv), which must exist; `what` says what to give."""
+    if cfg.root is None:
+        raise DistillError(f"data.root: required for data.source {cfg.source}; give {what}")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DistillError(f"data.root: {root} does not exist; give {what}")
+    return root

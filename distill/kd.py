@@ -1,0 +1,123 @@
+"""The student's side of distillation, shared by learn and fixres: the store opened against the data, the
+teacher's target for a batch (cached or online), the student's loss, and what a student stage depends on."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill import losses
+from distill.data import load_splits, load_unlabeled
+from distill.mix import mix_images, mix_targets, rescale
+from distill.models import load_model
+from distill.runs import stage_fingerprint
+from distill.store import Samples, TargetStore, dataset_fingerprint
+
+
+def open_store(recipe, accelerator):
+    """(store, samples, val split, classes): the soft-target store, checked against the data and the saved
+    teacher before anything is trained or written. A truncated or altered shard is refused here."""
+    run_dir = recipe.run_dir
+    store = TargetStore(run_dir / "targets")
+    store.verify(accelerator)
+    train_split, val_split = load_splits(recipe.data)
+    samples = Samples(train_split, load_unlabeled(recipe.data, train_split, val_split))
+    classes = train_split.classes
+    store.check({"dataset.fingerprint": dataset_fingerprint(samples, classes), "num_classes": len(classes)})
+    teacher_dir = run_dir / "teacher"
+    if (teacher_dir / "model.json").is_file():
+        store.check({"teacher.sha256": json.loads((teacher_dir / "model.json").read_text())["sha256"]})
+    return store, samples, val_split, classes
+
+
+def online_teacher(recipe, kd, accelerator):
+    """(teacher, its preprocessing) for online KD, else (None, None)."""
+    if kd.targets != "online" or kd.loss == "none":
+        return None, None
+    teacher, teacher_pre, _ = load_model(recipe.run_dir / "teacher")
+    # The teacher, frozen in this one place: eval mode, no gradients, inference mode in the loop.
+    return teacher.eval().requires_grad_(False).to(accelerator.device), teacher_pre
+
+
+def sample_classes(store, samples, n: int) -> np.ndarray:
+    """The class of each of the first `n` store samples for class-balanced sampling: its label, or for an
+    unlabeled image the teacher's prediction on its center view (the class it teaches)."""
+    classes = samples.labels[:n].copy()
+    unlabeled = np.flatnonzero(classes < 0)
+    if len(unlabeled):
+        views = np.full(len(unlabeled), store.manifest["center_view"])
+        classes[unlabeled] = store.rows(unlabeled, views)["logits"].argmax(-1)
+    return classes
+
+
+def teacher_probs(logits: torch.Tensor, kd, temperature: float) -> torch.Tensor:
+    """What the student matches, before mixing: softmax(t / T) (of standardised t), or one-hot argmax for a
+    loss that is not `soft` (hard)."""
+    if not losses.KD_LOSSES[kd.loss].soft:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    z = losses.standardize(logits) if kd.standardize else logits.float()
+    return F.softmax(z / temperature, dim=-1)
+
+
+def batch_target(batch, mix, teacher, kd, temperature: float, accelerator) -> tuple[torch.Tensor | None, float | None]:
+    """(KD target, cached-mixing error) of a (student image, label, cached logits[, teacher image]) batch mixed
+    by `mix`.
+
+    The target is None for the baseline. Online: the teacher's output on the very (mixed) image, exact; then,
+    when the batch is mixed, the error is the KL from it to the cached approximation (else None). Cached: the
+    stored logits at temperature T, mixed in probability space with the same λ.
+    """
+    if kd.loss == "none":
+        return None, None
+    x, cached = batch[0], batch[2]
+    if teacher is None:
+        return mix_targets(teacher_probs(cached, kd, temperature), mix), None
+    xt = mix_images(batch[3], rescale(mix, x.shape[-2:], batch[3].shape[-2:]))
+    with torch.inference_mode(), accelerator.autocast():
+        target = teacher_probs(teacher(xt).float(), kd, temperature)
+    target = target.clone()  # leave inference mode: the loss needs a normal tensor
+    if mix is None:
+        return target, None
+    approx = mix_targets(teacher_probs(cached, kd, temperature), mix)  # how far the cached mixing is from the truth
+    return target, F.kl_div(approx.clamp_min(1e-12).log(), target, reduction="batchmean").item()
+
+
+def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix, weights=None,
+                 gamma=0.0) -> dict:
+    """(1 - w) · CE(smoothed, mixed labels) + w · KD(student, teacher probabilities); named parts.
+
+    KD is `losses.KD_LOSSES[kd.loss]`. The CE term takes the class weights and focal γ of `imbalance`
+    (`losses.weighted_cross_entropy`); the KD term is left as it is: it transfers the teacher's distribution,
+    whose class balance is the teacher's. Unlabeled samples (label -1), and samples mixed with one, contribute
+    only the KD term. Smoothing only ever touches the label term, never the KD target.
+    """
+    kd_loss = None if kd.loss == "none" else losses.KD_LOSSES[kd.loss]
+    w = 0.0 if kd_loss is None else kd.weight
+    known = labels >= 0
+    if mix is not None:
+        known = known & known.flip(0)
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = zero
+    if w < 1 and known.any():
+        target = mix_targets(losses.smooth_one_hot(labels.clamp(min=0), num_classes, smoothing), mix)
+        ce = losses.weighted_cross_entropy(logits[known], target[known], weights, gamma)
+    kd_term = zero
+    if w > 0:
+        # a soft target is standardised with `kd.standardize`, so the student's logits are too
+        logits_kd = losses.standardize(logits) if kd.standardize and kd_loss.soft else logits
+        kd_term = kd_loss.fn(logits_kd, target_probs, labels, temperature, kd)
+    loss = (1 - w) * ce + w * kd_term
+    return {"loss": loss, "loss_ce": ce.detach(), "loss_kd": kd_term.detach()}
+
+
+def student_fingerprint(recipe, cfg, store_fp) -> str:
+    """What a student's training depends on. Its FixRes stage is not part of it: changing `fixres:` redoes
+    only that stage (`fixres_fingerprint`)."""
+    return stage_fingerprint(recipe.seed, recipe.data, dataclasses.replace(cfg, fixres=None), store_fp)
+
+
+def fixres_fingerprint(recipe, cfg, store_fp) -> str:
+    return stage_fingerprint(student_fingerprint(recipe, cfg, store_fp), cfg.fixres)

@@ -1,0 +1,70 @@
+"""The store's files: shard names, writing a shard and its sidecar, checking shards, reading the manifest."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+from distill.models import sha256_file
+from distill.runs import write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FLOAT16_MAX = 65504.0
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+def shard_complete(out: Path, s: int, fp: str) -> bool:
+    """A shard counts only when its sidecar exists, carries this fingerprint and its sha256 matches."""
+    sidecar, data = out / f"{shard_name(s)}.json", out / f"{shard_name(s)}.safetensors"
+    if not (sidecar.is_file() and data.is_file()):
+        return False
+    try:
+        info = json.loads(sidecar.read_text())
+    except ValueError:
+        return False
+    return info.get("fingerprint") == fp and info.get("sha256") == sha256_file(data)
+
+
+def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, logit_spec: dict,
+                logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"params": params.float().contiguous(), "label": labels.long().contiguous()}
+    if logit_spec["storage"] == "full":
+        tensors["logits"] = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
+    else:
+        top = logits.topk(logit_spec["k"], dim=-1)
+        tensors["topk_logits"] = top.values.clamp(-FLOAT16_MAX, FLOAT16_MAX).half().contiguous()
+        tensors["topk_index"] = top.indices.to(getattr(torch, logit_spec["index_dtype"])).contiguous()
+        tensors["lse"] = logits.logsumexp(-1).float().contiguous()
+    name = shard_name(s)
+    tmp = out / f".{name}.safetensors.tmp"
+    # one metadata key: safetensors writes several in hash order, and then equal shards would differ in bytes
+    about = json.dumps({"fingerprint": fp, "first_sample": first, "last_sample": last}, sort_keys=True)
+    save_file(tensors, str(tmp), metadata={"distill": about})
+    os.replace(tmp, out / f"{name}.safetensors")
+    # the sidecar is the shard's "complete" mark: written after the data, also through a rename
+    write_json(out / f"{name}.json", {"shard": s, "first_sample": first, "num_samples": last - first,
+                                      "rows": len(params), "sha256": sha256_file(out / f"{name}.safetensors"),
+                                      "fingerprint": fp, "what": what})
+
+
+def damaged_shards(out: Path, manifest: dict) -> list[str]:
+    """The shard files of a manifest that are missing or whose sha256 is not the recorded one."""
+    return [sh["file"] for sh in manifest["shards"]
+            if not (out / sh["file"]).is_file() or sha256_file(out / sh["file"]) != sh["sha256"]]
+
+
+def read_manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{out / MANIFEST}: unreadable ({e}); rebuild the store with "
+                           "teach.py --export-only --rebuild-targets") from None

@@ -1,0 +1,131 @@
+"""The small pieces every training loop calls (teach, learn, fixres): resumable batches, the non-finite guard,
+logging, save-when-due and the stop signal, checkpoint selection and early stopping."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches, planned_stop
+from distill.errors import DistillError
+
+SCORES = ("top1", "top5", "macro_f1", "nll", "ece")
+LOWER_IS_BETTER = {"nll", "ece"}
+
+
+def resumable_batches(accelerator, loader, sampler, dataset, prog: Progress, epoch: int, desc: str, show: bool):
+    """(index, batch) of `epoch`'s batches, without those a resumed run already trained on, behind a progress
+    bar (shown with `log.progress` on the main process; tqdm hides itself when stderr is not a terminal)."""
+    skip = prog.batch if epoch == prog.epoch else 0
+    bar = tqdm(epoch_batches(accelerator, loader, sampler, dataset, epoch, skip), desc=desc, leave=False,
+               initial=skip, total=len(loader), disable=None if show and accelerator.is_local_main_process else True)
+    return enumerate(bar, start=skip)
+
+
+def epochs(prog: Progress, total: int) -> range:
+    """The epochs still to train: none once early stopping ended the run (a resumed run stays stopped)."""
+    return range(prog.epoch, prog.epoch if prog.stopped_early else total)
+
+
+def finite(loss, accelerator, prog: Progress, max_bad: int, where: str, out_dir: Path) -> bool:
+    """Whether this step's loss is finite on every process. A non-finite one is skipped (no update, the same
+    decision on every process) up to `max_bad` times; then the run stops with an error naming the step, and
+    the checkpoint saved before is kept as it is."""
+    ok = loss.detach().isfinite().all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        ok = accelerator.gather(ok)  # one flag per process (reduce knows only sum and mean)
+    if bool(ok.min() == 1):
+        return True
+    step = prog.step + 1
+    prog.bad_steps.append(step)
+    if len(prog.bad_steps) > max_bad:
+        raise DistillError(f"{where}: the loss is not finite ({loss.item()}) at step {step}"
+                           + (f" ({len(prog.bad_steps)} bad steps: {prog.bad_steps[:10]})" if max_bad else "")
+                           + f"; {kept(out_dir, prog.best)}. Lower {where}.optim.lr, set {where}.optim.clip_grad, "
+                           f"or allow {where}.optim.max_bad_steps skipped steps")
+    accelerator.print(f"warning: {where}: non-finite loss at step {step}: skipped "
+                      f"({len(prog.bad_steps)} of {max_bad} allowed)")
+    return False
+
+
+def kept(out_dir: Path, best: dict | None) -> str:
+    """What a failed run leaves behind, for its error message."""
+    if best is None:
+        return "nothing was saved yet"
+    return f"the checkpoint of epoch {best['epoch']} (val top1 {best['top1']:.4f}) in {out_dir} is kept"
+
+
+def clip(accelerator, model, max_norm: float | None) -> None:
+    """Clip the gradient norm on the update step of an accumulation (not on the micro-batches before it)."""
+    if accelerator.sync_gradients and max_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def log_step(accelerator, parts: dict, optimizer, step: int, every: int, last: int, prefix: str = "train") -> None:
+    """The loss parts (mean over processes) and the peak lr, every `every` updates and at the last."""
+    if step % every and step != last:
+        return
+    logged = {f"{prefix}/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in parts.items()}
+    logged[f"{prefix}/lr"] = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the other groups
+    accelerator.log(logged, step=step)
+
+
+def save_when_due(checkpoints: Checkpoints, stop: StopSignal, prog: Progress, epoch: int, batches_done: int,
+                  ema=None) -> None:
+    """Save the state every `checkpoint.every_steps` updates, and when SIGTERM/SIGINT arrived (then stop)."""
+    planned_stop(checkpoints.where, prog.step)
+    signum = stop.requested(checkpoints.accelerator)
+    if signum or checkpoints.due(prog.step):
+        prog.epoch, prog.batch = epoch, batches_done
+        path = checkpoints.save(prog, ema)
+        if signum:
+            raise stop.stop(checkpoints.where, prog.step, epoch, path)
+
+
+def end_epoch(prog: Progress, epoch: int, started: float, images: int) -> None:
+    """Count the epoch's throughput and mark it complete."""
+    prog.train_seconds += time.perf_counter() - started
+    prog.train_images += images
+    prog.epoch, prog.batch = epoch + 1, 0
+
+
+def eval_due(cfg, epoch: int) -> bool:
+    return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+
+
+def better(metrics: dict, best: dict, select_by: str) -> bool:
+    if select_by in LOWER_IS_BETTER:
+        return metrics[select_by] < best[select_by]
+    return metrics[select_by] > best[select_by]
+
+
+def select(accelerator, prog: Progress, metrics: dict, epoch: int, cfg, label: str) -> bool:
+    """Record an evaluation (history, tracker, one line); True when it is the new best checkpoint (the caller
+    saves it), else count it towards early stopping (`patience`)."""
+    metrics["epoch"] = epoch + 1
+    prog.history.append({"epoch": epoch + 1, **{k: metrics[k] for k in SCORES}})
+    accelerator.log({f"val/{k}": metrics[k] for k in SCORES}, step=prog.step)
+    accelerator.print(f"{label} epoch {epoch + 1}: val top1 {metrics['top1']:.4f} macro_f1 "
+                      f"{metrics['macro_f1']:.4f} nll {metrics['nll']:.4f} "
+                      f"({prog.train_images / prog.train_seconds:.0f} train img/s)")
+    if prog.best is None or better(metrics, prog.best, cfg.select_by):
+        prog.best, prog.stale_evals = metrics, 0
+        return True
+    prog.stale_evals += 1
+    prog.stopped_early = cfg.patience is not None and prog.stale_evals >= cfg.patience
+    return False
+
+
+def save_epoch(checkpoints: Checkpoints, stop: StopSignal, prog: Progress, epoch: int, ema=None) -> None:
+    """The state at the epoch's end (after the best checkpoint, which it records); stop here on a signal."""
+    path = checkpoints.save(prog, ema)
+    if stop.requested(checkpoints.accelerator):
+        raise stop.stop(checkpoints.where, prog.step, epoch, path)
+
+
+def stopped_early(accelerator, prog: Progress, epoch: int, cfg, where: str, label: str) -> bool:
+    if prog.stopped_early:
+        accelerator.print(f"{label}: no better val {cfg.select_by} in {cfg.patience} evaluation(s): "
+                          f"stopped after epoch {epoch + 1} ({where}.patience)")
+    return prog.stopped_early
