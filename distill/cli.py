@@ -117,7 +117,7 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
     print(f"== learn: {run_dir / 'students'}", flush=True)
     manifest = Path(run_dir / "targets" / "manifest.json")
     store_fp = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
-    train, fixres = [], []
+    train, fixres_only = [], []
     for student in recipe.students:
         student_dir = run_dir / "students" / student.name
         if start is not None or not finished(student_dir / "metrics.json",
@@ -126,15 +126,16 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
         elif student.fixres is not None and not finished(student_dir / "fixres" / "metrics.json",
                                                          fixres_fingerprint(recipe, student, store_fp)):
             print(f"student {student.name} complete for this recipe: skipped; its FixRes stage runs", flush=True)
-            fixres += ["--student", student.name]
+            fixres_only += ["--student", student.name]
         else:
             print(f"student {student.name}{' (+ FixRes)' if student.fixres else ''} complete for this recipe: "
                   "skipped", flush=True)
     with stage("learn"):
-        if train:  # an interrupted student continues from its saved state (not with --from)
+        if train:  # an interrupted student (or FixRes stage) continues from its saved state (not with --from)
             learn.main([*base, *train, *(() if start else ("--resume",))])
-        if fixres:
-            fixres.main([*base, *fixres, *(() if start else ("--resume",))])
+    with stage("fixres"):
+        if fixres_only:
+            fixres.main([*base, *fixres_only, *(() if start else ("--resume",))])
 
 
 if __name__ == "__main__":

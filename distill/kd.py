@@ -96,6 +96,9 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
     """
     kd_loss = None if kd.loss == "none" else losses.KD_LOSSES[kd.loss]
     w = 0.0 if kd_loss is None else kd.weight
+    # a soft target is standardised with `kd.standardize`, so the student's logits are too. Built before the CE
+    # term: the order of the graph's branches fixes the order in which their gradients add up, bit for bit
+    logits_kd = losses.standardize(logits) if kd_loss is not None and kd.standardize and kd_loss.soft else logits
     known = labels >= 0
     if mix is not None:
         known = known & known.flip(0)
@@ -106,8 +109,6 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
         ce = losses.weighted_cross_entropy(logits[known], target[known], weights, gamma)
     kd_term = zero
     if w > 0:
-        # a soft target is standardised with `kd.standardize`, so the student's logits are too
-        logits_kd = losses.standardize(logits) if kd.standardize and kd_loss.soft else logits
         kd_term = kd_loss.fn(logits_kd, target_probs, labels, temperature, kd)
     loss = (1 - w) * ce + w * kd_term
     return {"loss": loss, "loss_ce": ce.detach(), "loss_kd": kd_term.detach()}

@@ -90,7 +90,8 @@ def main(argv=None):
         index = recipe.students.index(student)
         train_student(recipe, student, index, store, samples, val_split, classes, accelerator, args.resume)
         if student.fixres is not None:
-            fixres.fixres_student(recipe, student, index, store, samples, val_split, classes, accelerator)
+            fixres.fixres_student(recipe, student, index, store, samples, val_split, classes, accelerator,
+                                  args.resume)
     accelerator.end_training()
 
 
@@ -152,9 +153,10 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                 x, y = batch[0], batch[1]
                 with accelerator.accumulate(model):
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
+                    x = mix_images(x, mix)
                     target, mix_kl = batch_target(batch, mix, teacher, kd, temperature, accelerator)
-                    parts = student_loss(model(mix_images(x, mix)), y, target, kd, temperature, num_classes,
-                                         cfg.label_smoothing, mix, weights, imb.focal_gamma)
+                    parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix,
+                                         weights, imb.focal_gamma)
                     if mix_kl is not None:  # online KD: how far the cached-mixing approximation is from the truth
                         prog.mix_kl.append(mix_kl)
                     if prog.mix_kl:

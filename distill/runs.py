@@ -1,4 +1,4 @@
-"""The run directory: atomic writes, stage fingerprints, checkpoint selection, TensorBoard."""
+"""The run directory: atomic writes, stage fingerprints, trackers (TensorBoard runs and hparams)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,12 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-import torch
-
-from distill.errors import DistillError
 from distill.recipe import to_plain
-
-LOWER_IS_BETTER = {"nll", "ece"}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -55,12 +50,6 @@ def finished(metrics_path: Path, fingerprint: str) -> bool | None:
         return None
 
 
-def better(metrics: dict, best: dict, select_by: str) -> bool:
-    if select_by in LOWER_IS_BETTER:
-        return metrics[select_by] < best[select_by]
-    return metrics[select_by] > best[select_by]
-
-
 def hparams(recipe, section: str, config=None) -> dict:
     """The recipe's common keys and one section (`config`, default the recipe's attribute `section`)
     flattened to `key.path: scalar` (TensorBoard's hparams take scalars and strings only)."""
@@ -97,31 +86,3 @@ def log_hparams(accelerator, params: dict, metrics: dict) -> None:
     # run_name ".": into this run's own event file instead of a timestamped sub-folder
     writer.add_hparams(params, {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name=".")
     writer.flush()
-
-
-def finite_or_skip(loss: torch.Tensor, accelerator, bad_steps: list[int], step: int, max_bad: int,
-                   where: str, saved: str) -> bool:
-    """Whether this step's loss is finite on every process. A non-finite one is skipped (no update, the same
-    decision on every process) up to `max_bad` times; then the run stops with an error naming the step, and
-    the checkpoint saved before (`saved`) is kept as it is."""
-    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)  # one flag per process (reduce knows only sum and mean)
-    if bool(finite.min() == 1):
-        return True
-    bad_steps.append(step)
-    if len(bad_steps) > max_bad:
-        raise DistillError(f"{where}: the loss is not finite ({loss.item()}) at step {step}"
-                           + (f" ({len(bad_steps)} bad steps: {bad_steps[:10]})" if max_bad else "")
-                           + f"; {saved}. Lower {where}.optim.lr, set {where}.optim.clip_grad, or allow "
-                           f"{where}.optim.max_bad_steps skipped steps")
-    accelerator.print(f"warning: {where}: non-finite loss at step {step}: skipped "
-                      f"({len(bad_steps)} of {max_bad} allowed)")
-    return False
-
-
-def kept(out_dir: Path, best: dict | None) -> str:
-    """What a failed run leaves behind, for its error message."""
-    if best is None:
-        return "nothing was saved yet"
-    return f"the checkpoint of epoch {best['epoch']} (val top1 {best['top1']:.4f}) in {out_dir} is kept"

@@ -186,6 +186,7 @@ def train_labels(run_dir: Path) -> list[int]:
     return train.labels.tolist()
 
 
+@pytest.mark.slow
 def test_audit_finds_the_swapped_labels_in_sample(noisy_run, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -229,6 +230,7 @@ def audit_with_oof(run_dir: Path, logits, folds: int, out: Path) -> None:
         oof.unlink()
 
 
+@pytest.mark.slow
 def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
     import torch
 
@@ -249,6 +251,7 @@ def test_audit_prefers_out_of_fold_predictions(noisy_run, tmp_path, capsys):
     assert (tmp_path / "oof.png").is_file() and json.loads((tmp_path / "oof.json").read_text())["warning"] is None
 
 
+@pytest.mark.slow
 def test_a_teacher_that_agrees_everywhere_gives_an_empty_list(noisy_run, tmp_path, capsys):
     import torch
 
@@ -270,6 +273,7 @@ def one_error_line(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_an_oof_file_of_another_shape_is_an_error(noisy_run, capsys):
     import torch
     from safetensors.torch import save_file

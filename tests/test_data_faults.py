@@ -82,6 +82,7 @@ def run_teach(folder, tmp_path, *overrides):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_teach_names_the_bad_image_in_one_error_line(tmp_path, workers):
     folder = make_folder(tmp_path / "data")
@@ -93,6 +94,7 @@ def test_teach_names_the_bad_image_in_one_error_line(tmp_path, workers):
     assert not (tmp_path / "runs" / "faults" / "teacher" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_teach_skips_and_lists_the_bad_images(tmp_path):
     folder = make_folder(tmp_path / "data")
     r = run_teach(folder, tmp_path, "data.on_bad_image=skip")

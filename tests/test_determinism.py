@@ -4,10 +4,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import assert_same_run
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end-to-end training runs
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

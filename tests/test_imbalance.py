@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import long_tail_indices
+from distill.loaders import EpochSampler
 from distill.losses import class_weights, soft_cross_entropy, weighted_cross_entropy
 from distill.recipe import load_recipe
-from distill.loaders import EpochSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -88,6 +88,7 @@ def test_recipe_keys_and_their_errors():
             load_recipe(ROOT / "recipes/tiny-timm.yaml", [*base, bad])
 
 
+@pytest.mark.slow
 def test_a_long_tailed_teacher_with_every_tool_trains_and_stops_early(tmp_path):
     """Long-tailed data, class-weighted focal loss, an oversampling sampler, selection by macro-F1; with a
     learning rate of 1e-12 nothing changes (a LayerNorm ViT: no running statistics either), so patience 1 stops

@@ -85,6 +85,7 @@ def grouped_csv(tmp_path_factory) -> Path:
     return out / "train.csv"
 
 
+@pytest.mark.slow
 def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_learns_from(grouped_csv, tmp_path):
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny-timm.yaml").read_text())
     recipe["data"] = {"source": "csv", "root": str(grouped_csv), "val_fraction": 0.25, "group_column": "person"}

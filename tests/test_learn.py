@@ -57,6 +57,7 @@ class SimpleRun:
         return json.loads((self.dir / "students" / name / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_student_writes_its_run_directory(study):
     for name in ("baseline", "kd", "kd-warn", "online"):
         d = study.dir / "students" / name
@@ -68,12 +69,14 @@ def test_every_student_writes_its_run_directory(study):
     assert study.metrics("baseline")["top1"] > 0.3  # 600 images, 2 epochs; chance is 0.1
 
 
+@pytest.mark.slow
 def test_baseline_uses_labels_only_and_kd_uses_the_unlabeled_images(study):
     assert study.metrics("baseline")["train_images"] == 600 and study.metrics("baseline")["kd_loss"] == "none"
     assert study.metrics("kd")["train_images"] == 1200  # 600 labeled + 600 unlabeled
     assert study.metrics("kd-warn")["train_images"] == 600  # kd.use_unlabeled: false
 
 
+@pytest.mark.slow
 def test_ls_policy_decisions_are_recorded(study):
     kd = study.metrics("kd")
     # the teacher was fine-tuned with label smoothing 0.1: auto distils at T = 1 instead of 4
@@ -87,6 +90,7 @@ def test_ls_policy_decisions_are_recorded(study):
     assert study.metrics("baseline")["ls_decision"] == "not applicable"
 
 
+@pytest.mark.slow
 def test_online_kd_measures_the_cached_mixing_approximation(study):
     m = study.metrics("online")
     assert m["kd_targets"] == "online" and m["ema"] == 0.9
@@ -96,6 +100,7 @@ def test_online_kd_measures_the_cached_mixing_approximation(study):
     assert events.Scalars("train/mix_approx_kl") and events.Scalars("train/loss_kd")
 
 
+@pytest.mark.slow
 def test_hparams_reach_tensorboard(study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(study.dir / "tb" / "kd")).Reload()
@@ -103,6 +108,7 @@ def test_hparams_reach_tensorboard(study):
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
+@pytest.mark.slow
 def test_only_the_named_student_and_errors(study, tmp_path):
     r = run("distill", "learn", str(study.recipe), f"output_dir={study.dir.parent}", "--student", "nope", check=False)
     assert r.returncode == 2 and "error: --student: no student 'nope'" in r.stderr
@@ -115,6 +121,7 @@ def test_only_the_named_student_and_errors(study, tmp_path):
     assert r.returncode == 2 and "error: targets: no store" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_every_complete_stage(study):
     before = {name: study.metrics(name)["wall_seconds"] for name in ("baseline", "kd", "kd-warn", "online")}
     r = run("distill", "run", str(study.recipe), f"output_dir={study.dir.parent}")
@@ -141,6 +148,7 @@ def test_a_rerun_skips_every_complete_stage(study):
     assert r.returncode == 2 and "error: teacher:" in r.stderr and "--from teach" in r.stderr
 
 
+@pytest.mark.slow
 def test_compare_writes_the_table_and_tensorboard(study):
     r = run("distill", "compare", str(study.dir))
     table = (study.dir / "comparison.md").read_text()
@@ -161,6 +169,7 @@ def test_compare_writes_the_table_and_tensorboard(study):
     assert "_hparams_/session_start_info" in hp.PluginTagToContent("hparams")
 
 
+@pytest.mark.slow
 def test_fixres_trains_only_the_head_and_the_last_normalisation(study):
     from safetensors.torch import load_file
     m = json.loads((study.dir / "students/kd/fixres/metrics.json").read_text())
@@ -203,6 +212,7 @@ def test_fixres_parts_of_timm_students():
     assert lite0.classifier in trained and lite0.bn2 in norms  # the norm before pooling
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_named_and_the_earlier_stages_kept(study):
     teacher = (study.dir / "teacher" / "metrics.json").read_text()
     manifest = (study.dir / "targets" / "manifest.json").read_text()

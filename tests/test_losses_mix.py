@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from distill import losses
 from distill.kd import student_loss, teacher_probs
-from distill.policy import decide as ls_policy
 from distill.losses import smooth_one_hot, soft_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
+from distill.policy import decide as ls_policy
 from distill.recipe import KDConfig, MixConfig
 
 

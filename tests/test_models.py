@@ -255,3 +255,169 @@ def test_efficientnet_lite0_card_real_imagenet_weights():
     assert small.classifier.weight.shape == (10, 1280)
     with torch.no_grad():
         assert torch.equal(small.eval().forward_features(x), model.forward_features(x))
+
+
+# --- sources: one dict of adapters ---------------------------------------------------------------
+def test_sources_are_one_dict_keyed_by_the_spec_prefix():
+    from distill.models.sources import SOURCES, source_named, source_of
+
+    assert list(SOURCES) == ["hf", "timm"]
+    assert source_named("timm:resnet10t", "students.0") == (SOURCES["timm"], "resnet10t")
+    assert source_named("hf:org/model:v2", "teacher") == (SOURCES["hf"], "org/model:v2")
+    for bad in ("torch:resnet18", "timm:", "resnet18"):
+        with pytest.raises(DistillError, match=r"students\.1\.model: expected 'hf:<hub id or dir>' or 'timm:<name>'"):
+            source_named(bad, "students.1")
+    model, _ = build_model(card("tiny-vit"), 3)
+    assert source_of(model) is SOURCES["hf"]
+    assert source_of(build_model(StudentConfig(name="s", model="timm:resnet10t"), 3)[0]) is SOURCES["timm"]
+    assert source_of(torch.nn.Linear(2, 2)) is None and source_of(torch.nn.Linear(2, 2), "timm") is SOURCES["timm"]
+
+
+class ToyNet(torch.nn.Module):
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ToySource:
+    """A model source as a new module would add it: `toy:<width>`."""
+
+    usage = "toy:<width>"
+
+    @staticmethod
+    def owns(model):
+        return isinstance(model, ToyNet)
+
+    @staticmethod
+    def check(ident, where):
+        if not ident.isdigit():
+            raise DistillError(f"{where}.model: toy width {ident!r} is not a number")
+
+    @staticmethod
+    def build(ident, cfg, num_classes, where, classes):
+        ToySource.check(ident, where)
+        model = ToyNet(int(ident), num_classes)
+        model.distill_spec = {"source": "toy", "width": int(ident)}
+        return model, Preprocess(16, (0.5,) * 3, (0.5,) * 3)
+
+    @staticmethod
+    def describe(model, classes):
+        return {}
+
+    @staticmethod
+    def rebuild(info):
+        model = ToyNet(info["width"], info["num_classes"])
+        model.distill_spec = {"source": "toy", "width": info["width"]}
+        return model
+
+    @staticmethod
+    def num_classes(model):
+        return model.head.out_features
+
+    @staticmethod
+    def head_keys(model, own):
+        return {k for k in own if k.startswith("head.")}
+
+    @staticmethod
+    def param_groups(model, weight_decay, layer_decay, where):
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0}]
+
+    @staticmethod
+    def cam_target(model, input_size, what):
+        from distill.models.cam import Target
+
+        return Target(model.features, "features", "NCHW")
+
+
+def test_a_new_source_is_its_adapter_plus_one_dict_entry(tmp_path, monkeypatch):
+    """Everything source-specific goes through the adapter: build, check, local weights (head), save/load,
+    param groups and the Grad-CAM layer."""
+    from distill.explain import find_target
+    from distill.models import check_model_name
+    from distill.models.sources import SOURCES
+
+    monkeypatch.setitem(SOURCES, "toy", ToySource)
+    model, pre = build_model(TeacherConfig(model="toy:8", input_size=24), 4, classes=CLASSES[:4])
+    assert pre.input_size == 24 and model.distill_spec == {"source": "toy", "width": 8, "model": "toy:8"}
+    with pytest.raises(DistillError, match=r"teacher\.model: toy width 'x'"):
+        check_model_name("toy:x", "teacher")
+    info = save_model(model, pre, tmp_path / "toy", CLASSES[:4])
+    assert (info["source"], info["width"], info["num_classes"]) == ("toy", 8, 4)
+    loaded, pre2, _ = load_model(tmp_path / "toy")
+    assert pre2 == pre and _same_outputs(model, loaded, 24)
+    # weights for other classes: the head is dropped, the rest loads
+    torch.save(model.state_dict(), tmp_path / "toy.pth")
+    again, _ = build_model(TeacherConfig(model="toy:8", pretrained=str(tmp_path / "toy.pth")), 6)
+    assert torch.equal(again.features.weight, model.features.weight) and again.head.out_features == 6
+    assert param_groups(model, 0.1, None)[0]["weight_decay"] == 0.1
+    assert find_target(model, 16).map_size == (16, 16)
+
+
+# --- model folders describe their eval transform -------------------------------------------------
+AUGMENT = [{"name": "Resize", "height": "input_size", "width": "input_size"}]
+
+
+def _same_transform(a, b, pre=None) -> bool:
+    image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    return torch.equal(a(image), b(image))
+
+
+def test_model_json_keeps_the_eval_transform(tmp_path):
+    from distill.data import build_transform
+    from distill.models import load_for_eval
+
+    model, pre = build_model(StudentConfig(name="s", model="timm:resnet10t", resolution=32, crop_pct=0.8), 10)
+    assert save_model(model, pre, tmp_path / "plain", CLASSES)["eval_augment"] is None
+    save_model(model, pre, tmp_path / "aug", CLASSES, eval_augment=AUGMENT)
+    default, resized = build_transform(None, "eval", pre), build_transform(AUGMENT, "eval", pre)
+    assert not _same_transform(default, resized, pre)
+    for name, expected in (("plain", default), ("aug", resized)):
+        loaded, pre2, _, transform = load_for_eval(tmp_path / name)
+        assert pre2 == pre and not loaded.training and _same_transform(transform, expected, pre)
+    assert load_for_eval(tmp_path / "aug")[2]["eval_augment"] == AUGMENT
+
+
+def test_an_ensemble_keeps_its_eval_transform(tmp_path):
+    from distill.data import build_transform
+    from distill.models import Ensemble, load_for_eval, save_ensemble
+
+    for i in range(2):
+        model, pre = build_model(StudentConfig(name="s", model="timm:resnet10t", resolution=32), 10)
+        save_model(model, pre, tmp_path / f"m{i}", CLASSES)
+    info = save_ensemble(tmp_path / "ens", [tmp_path / "m0", tmp_path / "m1"], "probs", CLASSES, eval_augment=AUGMENT)
+    assert info["eval_augment"] == AUGMENT
+    model, pre2, _, transform = load_for_eval(tmp_path / "ens")
+    assert isinstance(model, Ensemble) and _same_transform(transform, build_transform(AUGMENT, "eval", pre2), pre2)
+
+
+def test_folders_from_before_eval_augment_are_evaluated_as_then(tmp_path):
+    """No `eval_augment` in model.json: a run's teacher (and the folders inside teacher/) with the recipe's
+    teacher.augment.eval, everything else with the default eval transform."""
+    import json
+
+    from distill.data import build_transform
+    from distill.models import load_for_eval
+    from distill.recipe import dump_recipe, recipe_from_dict
+
+    run = tmp_path / "run"
+    recipe = recipe_from_dict({"name": "run", "teacher": {"model": "timm:resnet10t", "augment": {"eval": AUGMENT}}})
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_recipe(recipe))
+    model, pre = build_model(StudentConfig(name="s", model="timm:resnet10t", resolution=32, crop_pct=0.8), 10)
+    folders = {"teacher": True, "teacher/fold-0": True, "students/s": False, "students/teacher": False}
+    for folder in folders:
+        save_model(model, pre, run / folder, CLASSES)
+        info = json.loads((run / folder / "model.json").read_text())
+        del info["eval_augment"]
+        (run / folder / "model.json").write_text(json.dumps(info))
+    save_model(model, pre, tmp_path / "teacher", CLASSES)  # a teacher/ outside any run: no recipe beside it
+    (tmp_path / "teacher" / "model.json").write_text(json.dumps(info))
+    default, resized = build_transform(None, "eval", pre), build_transform(AUGMENT, "eval", pre)
+    for folder, teacher in folders.items():
+        transform = load_for_eval(run / folder)[3]
+        assert _same_transform(transform, resized if teacher else default, pre), folder
+    assert _same_transform(load_for_eval(tmp_path / "teacher")[3], default, pre)

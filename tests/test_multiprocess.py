@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end-to-end training runs
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # A student without BatchNorm: each process normalises its own half batch, which no tolerance can state (see
 # README, several processes); LayerNorm is per sample, so 2 x 32 images compute what 1 x 64 do.

@@ -176,6 +176,25 @@ def test_predict_takes_tta_from_the_run_recipe(data, tmp_path, capsys):
     assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(data / "images/1/d0.png")]
 
 
+def test_predict_uses_the_eval_transform_the_model_folder_names(data, tmp_path):
+    """A folder saved with `eval_augment` is predicted through that list, as it was evaluated, wherever it lies."""
+    from distill.data import Split, build_transform
+    from distill.models import load_model, save_model
+    from distill.predict import predict_split
+
+    augment = [{"name": "Resize", "height": "input_size", "width": "input_size"}]
+    model, pre, _ = load_model(data / "model")
+    save_model(model, pre, tmp_path / "resized", CLASSES, eval_augment=augment)
+    for folder, out in ((data / "model", "plain.csv"), (tmp_path / "resized", "resized.csv")):
+        main([str(folder), str(data / "images"), "--out", str(tmp_path / out)])
+    plain, resized = prob_matrix(read_csv(tmp_path / "plain.csv")), prob_matrix(read_csv(tmp_path / "resized.csv"))
+    assert np.abs(plain - resized).max() > 1e-4
+    paths = sorted(str(p) for p in (data / "images").rglob("*.png"))
+    split = Split(CLASSES, [0] * len(paths), paths=paths, name="x")
+    logits, _ = predict_split(model, pre, split, transform=build_transform(augment, "eval", pre))
+    np.testing.assert_allclose(resized, logits.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["unreadable", "empty", "bad-label", "bad-scales"])
 def test_predict_bad_input_is_one_error_line(data, tmp_path, capsys, case):
     images, extra = tmp_path / "in", []

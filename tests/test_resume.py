@@ -1,10 +1,14 @@
 """A run killed at any point and resumed ends exactly where an uninterrupted run ends: the same weights, bit for
-bit, and the same metrics.json apart from timings. SIGTERM/SIGINT save the state and exit cleanly."""
+bit, and the same metrics.json apart from timings. SIGTERM/SIGINT save the state and exit cleanly.
+
+Every stop is planned, not raced against a timer: DISTILL_STOP_AT (distill/checkpoint.py, `planned_stop`) makes
+the process send itself the signal right after a chosen optimizer step, before that step's checkpoint, or
+(`:save`) half-way through that step's checkpoint save (state.tmp/ written, before the renames)."""
 import json
 import os
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from conftest import assert_same_run
 from distill.checkpoint import Checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "DISTILL_STOP_AT"}, "HF_HUB_OFFLINE": "1"}
 # 400 images: 6 teacher steps per epoch at batch 64; the student (batch 32, 2 batches per update) 6 too
 TEACHER_STEPS, STUDENT_STEPS = 12, 12
 
@@ -45,32 +49,27 @@ def uninterrupted(recipe) -> Path:
     return out / "tiny-timm"
 
 
-def distill(*args, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(["distill", *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600, check=False)
+def distill(*args, stop_at: str = "") -> subprocess.CompletedProcess:
+    """`distill ARGS` with the code on sys.path; `stop_at`: DISTILL_STOP_AT, "<where>:<step>:<SIGNAL>[:save]"."""
+    env = {**ENV, "DISTILL_STOP_AT": stop_at} if stop_at else ENV
+    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen(["distill", *map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def state_step(stage_dir: Path, name: str = "state") -> int | None:
+    """The step of the saved state `name` (state, state.tmp) of a stage, None when there is none."""
+    path = stage_dir / "resume" / name / "progress.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
-def saved_step(state_root: Path) -> int:
-    try:
-        return json.loads((state_root / "resume" / "state" / "progress.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def signal_at(proc: subprocess.Popen, state_root: Path, step: int, sig: int) -> None:
-    """Send `sig` once a state of step >= `step` is saved (the process goes on meanwhile, so the signal lands
-    wherever it lands: in a step, in a save, in an evaluation)."""
-    deadline = time.monotonic() + 300
-    while saved_step(state_root) < step:
-        assert proc.poll() is None, f"finished before step {step}: {proc.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(sig)
+def assert_killed_at(r: subprocess.CompletedProcess, stage_dir: Path, step: int, phase: str) -> None:
+    """The process died of its planned SIGKILL after optimizer step `step`: before that step's checkpoint
+    (phase "step") or half-way through writing it (phase "save"); the state on disk is the one of step - 1."""
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (stage_dir / "metrics.json").exists()
+    assert state_step(stage_dir) == step - 1
+    if phase == "save":
+        assert state_step(stage_dir, "state.tmp") == step  # complete but not yet renamed: never read
 
 
 def assert_resumed_run(a: Path, b: Path, parts=("teacher", "students/kd")) -> None:
@@ -78,21 +77,24 @@ def assert_resumed_run(a: Path, b: Path, parts=("teacher", "students/kd")) -> No
     assert_same_run(a, b, parts, weights_only=("teacher/last",))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_anywhere_then_resume_gives_the_same_weights(recipe, uninterrupted, seed):
-    """SIGKILL at a random step of the teacher, then of the student; `distill run` resumes each time."""
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, phase", [(0, "step"), (1, "save")])
+def test_sigkill_anywhere_then_resume_gives_the_same_weights(recipe, uninterrupted, seed, phase):
+    """SIGKILL at a random step of the teacher, then of the student (after the step's update, or half-way
+    through its checkpoint save); `distill run` resumes each time."""
     rng = np.random.default_rng(seed)
     out = recipe.parent / f"killed-{seed}"
     run_dir = out / "tiny-timm"
-    proc = start("run", recipe, f"output_dir={out}")
-    signal_at(proc, run_dir / "teacher", int(rng.integers(1, TEACHER_STEPS)), signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "teacher" / "metrics.json").exists()
+    suffix = ":save" if phase == "save" else ""
+    step = int(rng.integers(2, TEACHER_STEPS + 1))  # from 2: a state of an earlier step is there to resume
+    r = distill("run", recipe, f"output_dir={out}", stop_at=f"teacher:{step}:SIGKILL{suffix}")
+    assert_killed_at(r, run_dir / "teacher", step, phase)
 
-    proc = start("run", recipe, f"output_dir={out}")  # resumes the teacher, then goes on to the student
-    signal_at(proc, run_dir / "students" / "kd", int(rng.integers(1, STUDENT_STEPS)), signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "students" / "kd" / "metrics.json").exists()
+    # resumes the teacher, then goes on to the student
+    step = int(rng.integers(2, STUDENT_STEPS + 1))
+    r = distill("run", recipe, f"output_dir={out}", stop_at=f"students.0:{step}:SIGKILL{suffix}")
+    assert "teacher: resumed from" in r.stdout, r.stdout[-3000:]
+    assert_killed_at(r, run_dir / "students" / "kd", step, phase)
 
     r = distill("run", recipe, f"output_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -103,35 +105,40 @@ def test_sigkill_anywhere_then_resume_gives_the_same_weights(recipe, uninterrupt
     assert not (run_dir / "students" / "kd" / "resume").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_learn_resume_continues(recipe, uninterrupted):
     out = recipe.parent / "sigterm"
     run_dir = out / "tiny-timm"
     r = distill("teach", recipe, f"output_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    proc = start("learn", recipe, f"output_dir={out}")
-    signal_at(proc, run_dir / "students" / "kd", 5, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    r = distill("learn", recipe, f"output_dir={out}", stop_at="students.0:5:SIGTERM")
+    stderr = r.stderr
+    assert r.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith(("interrupted:", "error:", "Traceback"))]
     assert len(lines) == 1 and lines[0].startswith("interrupted: students.0: SIGTERM at step"), stderr[-3000:]
+    assert lines[0].startswith("interrupted: students.0: SIGTERM at step 5 "), lines[0]
     assert "--resume" in lines[0]
     assert (run_dir / "students" / "kd" / "resume" / "state" / "progress.json").is_file()
+    assert state_step(run_dir / "students" / "kd") == 5  # the step under way is finished and saved
 
     r = distill("learn", recipe, f"output_dir={out}", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "students.0: resumed from" in r.stdout, r.stdout[-3000:]
     assert_resumed_run(uninterrupted, run_dir)
 
 
+@pytest.mark.slow
 def test_sigint_during_teach_then_teach_resume(recipe, uninterrupted):
     out = recipe.parent / "sigint"
     run_dir = out / "tiny-timm"
-    proc = start("teach", recipe, f"output_dir={out}")
-    signal_at(proc, run_dir / "teacher", 3, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
-    assert "interrupted: teacher: SIGINT at step" in stderr
+    r = distill("teach", recipe, f"output_dir={out}", stop_at="teacher:3:SIGINT")
+    assert r.returncode == 128 + signal.SIGINT, r.stderr[-3000:]
+    assert "interrupted: teacher: SIGINT at step" in r.stderr
+    assert "interrupted: teacher: SIGINT at step 3 " in r.stderr, r.stderr[-3000:]
+    assert state_step(run_dir / "teacher") == 3
     r = distill("teach", recipe, f"output_dir={out}", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher: resumed from" in r.stdout, r.stdout[-3000:]
     assert_resumed_run(uninterrupted, run_dir, parts=("teacher",))
 
 
@@ -159,13 +166,14 @@ def test_a_state_is_never_read_half_written(tmp_path):
     assert ckpt.latest() == ckpt.dir / "state"
 
 
+@pytest.mark.slow
 def test_resume_of_another_recipe_starts_over(recipe, uninterrupted):
     """A state saved for another recipe is not loaded: `--resume` starts over (and says so)."""
     out = recipe.parent / "other"
     run_dir = out / "tiny-timm"
-    proc = start("teach", recipe, f"output_dir={out}", "teacher.optim.lr=0.05")
-    signal_at(proc, run_dir / "teacher", 2, signal.SIGTERM)
-    proc.communicate(timeout=300)
+    r = distill("teach", recipe, f"output_dir={out}", "teacher.optim.lr=0.05", stop_at="teacher:2:SIGTERM")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert state_step(run_dir / "teacher") == 2
     r = distill("teach", recipe, f"output_dir={out}", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is of another recipe: starting over" in r.stdout

@@ -129,6 +129,7 @@ def test_label_smoothing_signature():
 
 
 # --- export and replay ------------------------------------------------------------------
+@pytest.mark.slow
 def test_store_layout_and_manifest(run_dir):
     m = json.loads((run_dir / "targets" / "manifest.json").read_text())
     assert m["complete"] and m["num_samples"] == 400 and m["views"] == 3 and m["rows_per_sample"] == 4
@@ -145,6 +146,7 @@ def test_store_layout_and_manifest(run_dir):
     assert not list((run_dir / "targets").glob(".*tmp"))
 
 
+@pytest.mark.slow
 def test_replaying_a_view_reproduces_the_stored_logits(run_dir):
     reader = store.TargetStore(run_dir / "targets")
     model, pre, _ = load_model(run_dir / "teacher")
@@ -168,6 +170,7 @@ def test_replaying_a_view_reproduces_the_stored_logits(run_dir):
         assert np.array_equal(p, expected)
 
 
+@pytest.mark.slow
 def test_replay_dataset_gives_the_student_the_teachers_view(run_dir):
     reader = store.TargetStore(run_dir / "targets")
     recipe = load_recipe(ROOT / RECIPE, [f"output_dir={run_dir.parent}", *BASE])
@@ -189,6 +192,7 @@ def test_replay_dataset_gives_the_student_the_teachers_view(run_dir):
     assert center.view_of(7) == 3
 
 
+@pytest.mark.slow
 def test_reader_is_memory_mapped_and_reads_in_constant_memory(run_dir):
     reader = store.TargetStore(run_dir / "targets")
     assert all(isinstance(a, np.memmap) for a in reader._shard(0).values())
@@ -200,6 +204,7 @@ def test_reader_is_memory_mapped_and_reads_in_constant_memory(run_dir):
     assert peak < 64 * 1024  # a batch at a time, never the store (≈ 32 kB of logits per 400 samples)
 
 
+@pytest.mark.slow
 def test_inspect_prints_the_summary(run_dir):
     r = run("distill", "inspect", str(run_dir / "targets"))
     for text in ("complete", "samples      400", "1600 rows", "full float16",
@@ -209,6 +214,7 @@ def test_inspect_prints_the_summary(run_dir):
 
 
 # --- integrity ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
     shutil.copytree(run_dir, tmp_path / "tiny-vit")
     r = teach(tmp_path, "data.subset=300", "--export-only", check=False)
@@ -226,6 +232,7 @@ def test_store_for_another_dataset_or_teacher_is_refused(tmp_path, run_dir):
     assert "complete and matches the teacher; nothing to export" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_truncated_or_altered_shard_is_caught_and_exported_again(tmp_path, run_dir):
     shutil.copytree(run_dir, tmp_path / "tiny-vit")
     store_dir = tmp_path / "tiny-vit" / "targets"
@@ -253,6 +260,7 @@ def test_a_truncated_or_altered_shard_is_caught_and_exported_again(tmp_path, run
     assert np.allclose(again["logits"], intact["logits"], rtol=2**-10, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_export(tmp_path, run_dir):
     extra = ["data.unlabeled=rest", "data.unlabeled_subset=6000", "targets.shard_size=500"]
     for name in ("killed", "whole"):
@@ -286,6 +294,7 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_export(tmp_path, run
         assert s["rows"] == t["rows"] and s["first_sample"] == t["first_sample"]
 
 
+@pytest.mark.slow
 def test_two_processes_write_every_row_once_and_match_one_process(tmp_path, run_dir):
     (tmp_path / "tiny-vit").mkdir()
     shutil.copytree(run_dir / "teacher", tmp_path / "tiny-vit" / "teacher")

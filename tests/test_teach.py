@@ -40,6 +40,7 @@ def check_run_dir(run_dir: Path, recipe_path: str, overrides: list[str]) -> dict
     return metrics
 
 
+@pytest.mark.slow
 def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
     overrides = [f"output_dir={tmp_path}", NO_EXPORT]
     r = run(["accelerate", "launch", "--num_processes", "1", "--cpu", "--mixed_precision", "bf16",
@@ -51,6 +52,7 @@ def test_hf_vit_teacher_under_accelerate_launch(tmp_path):
     assert m["num_images"] == 4000 and m["label_smoothing"] == 0.1 and m["trained_with_label_smoothing"] is True
 
 
+@pytest.mark.slow
 def test_timm_teacher_through_the_distill_command(tmp_path):
     overrides = [f"output_dir={tmp_path}", NO_EXPORT]
     r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides])
@@ -60,6 +62,7 @@ def test_timm_teacher_through_the_distill_command(tmp_path):
     assert m["trained_with_label_smoothing"] is False
 
 
+@pytest.mark.slow
 def test_two_processes_count_each_val_image_once(tmp_path):
     """torchrun with 2 processes trains, and its metrics equal a single-process evaluation of the saved model."""
     overrides = [f"output_dir={tmp_path}", NO_EXPORT, "teacher.epochs=1", "data.subset=301", "teacher.batch_size=32"]
@@ -80,6 +83,7 @@ def test_two_processes_count_each_val_image_once(tmp_path):
     assert single["top1"] == pytest.approx(m["top1"])
 
 
+@pytest.mark.slow
 def test_training_options_work_together(tmp_path):
     """Accumulation, clipping, MixUp+CutMix, layer decay, scaled lr, warm-up+cosine, bf16, eval_every in one run."""
     overrides = [f"output_dir={tmp_path}", NO_EXPORT, "data.subset=640", "teacher.epochs=3", "teacher.eval_every=2",
@@ -108,6 +112,7 @@ def test_training_options_work_together(tmp_path):
         assert events.Scalars(tag), tag
 
 
+@pytest.mark.slow
 def test_distill_run_runs_the_teacher_stage(tmp_path):
     overrides = [f"output_dir={tmp_path}", "data.subset=200", "teacher.epochs=1"]
     r = run(["distill", "run", "recipes/tiny-vit.yaml", *overrides])
@@ -115,6 +120,7 @@ def test_distill_run_runs_the_teacher_stage(tmp_path):
     check_run_dir(tmp_path / "tiny-vit", "recipes/tiny-vit.yaml", overrides)
 
 
+@pytest.mark.slow
 def test_users_own_data_image_folder_and_csv(tmp_path):
     """Real photos of mixed sizes and modes in an image folder, and Fashion-MNIST PNGs listed in a CSV."""
     import numpy as np
@@ -224,6 +230,7 @@ def test_recipes_in_the_repo_are_valid():
         yaml.safe_load(path.read_text())
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     overrides = [f"output_dir={tmp_path}", NO_EXPORT, "data.subset=300", "teacher.epochs=2", "name=t"]
     good = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides])
