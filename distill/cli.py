@@ -26,7 +26,7 @@ COMMANDS = {
 }
 # commands whose whole work is one module's main(argv)
 MODULE_COMMANDS = {"teach": "distill.teach", "learn": "distill.learn", "fixres": "distill.fixres",
-                   "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.predict:diff_main",
+                   "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.diff:diff_main",
                    "audit": "distill.audit", "explain": "distill.explain"}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distill import store, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
-from distill.evaluate import evaluate, predict
+from distill.evaluate import evaluate
+from distill.folds import evaluate_dir, write_ensemble_metrics, write_oof
 from distill.loaders import batch_rng, make_loader
 from distill.losses import class_weights, smooth_one_hot, weighted_cross_entropy
 from distill.mix import mix_images, mix_targets, sample_mix
@@ -36,11 +36,9 @@ from distill.models import (
     OutOfFold,
     build_model,
     count_params,
-    load_for_eval,
     load_model,
     member_info,
     param_groups,
-    read_model_info,
     save_ensemble,
     save_model,
 )
@@ -249,71 +247,16 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
 
     start_tracking(accelerator, "teacher")
     scores = {d: evaluate_dir(recipe, accelerator, d, val_split, num_classes) for d in [out_dir, *members]}
-    keys = SCORES
     for d in members:
         accelerator.print(f"member {d}: val top1 {scores[d]['top1']:.4f} macro_f1 {scores[d]['macro_f1']:.4f}")
     best = scores[out_dir]
     accelerator.print(f"ensemble of {len(members)} ({cfg.ensemble_combine}): val top1 {best['top1']:.4f} "
                       f"macro_f1 {best['macro_f1']:.4f} nll {best['nll']:.4f}")
     if accelerator.is_main_process:
-        ensemble_info = read_model_info(out_dir)
-        fold_summary = None
-        if heldout:
-            fold_summary = {"k": cfg.folds, "heldout": [{k: m[k] for k in keys} for m in heldout],
-                            **{f"{k}_mean": float(np.mean([m[k] for m in heldout])) for k in keys},
-                            **{f"{k}_std": float(np.std([m[k] for m in heldout], ddof=1)) for k in keys}}
-        trained_here = [json.loads((d / "metrics.json").read_text()) for d in members if d.parent == out_dir]
-        write_metrics(
-            out_dir / "metrics.json", best, params=ensemble_info["params"],  # the members' parameter count
-            # the members trained here (members trained elsewhere are not counted): their mean throughput, the
-            # sum of their wall time as the cost of this teacher
-            train_images_per_sec=(float(np.mean([m["train_images_per_sec"] for m in trained_here]))
-                                  if trained_here else None),
-            epochs=cfg.epochs, seed=recipe.seed, wall_seconds=sum(m.get("wall_seconds", 0.0) for m in trained_here),
-            classes=classes, fingerprint=teacher_fingerprint(recipe),
-            model=f"ensemble of {len(members)}", card=cfg.card, ensemble_combine=cfg.ensemble_combine,
-            # dirs relative to teacher/ (as in model.json), so the run directory can move
-            members=[{"dir": os.path.relpath(d.resolve(), out_dir.resolve()),
-                      "name": d.name if d.parent == out_dir else str(d),
-                      **{k: scores[d][k] for k in keys}} for d in members],
-            folds=fold_summary, input_size=ensemble_info["preprocess"]["input_size"],  # the largest member input
-            num_processes=accelerator.num_processes, **teacher_record(cfg))
-    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in keys})
+        write_ensemble_metrics(recipe, accelerator, out_dir, members, scores, heldout, teacher_fingerprint(recipe))
+    log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in SCORES})
     accelerator.wait_for_everyone()
     return best
-
-
-def saved_model_batches(recipe, accelerator, model_dir: Path, split):
-    """A saved model (or ensemble) on this process's device, and a prepared loader of `split` through the model's
-    own eval transform (the one saved with it), as the teacher is evaluated while it trains."""
-    model, _, _, transform = load_for_eval(model_dir)
-    loader = make_loader(ImageDataset(split, transform), recipe.teacher.eval_batch_size or recipe.teacher.batch_size,
-                         recipe, train=False, world_size=accelerator.num_processes)
-    return model.to(accelerator.device), accelerator.prepare(loader)
-
-
-def evaluate_dir(recipe, accelerator, model_dir: Path, split, num_classes: int) -> dict:
-    """The validation metrics of a saved model (or ensemble), with its own eval transform."""
-    model, loader = saved_model_batches(recipe, accelerator, model_dir, split)
-    with torch.inference_mode(), accelerator.autocast():
-        return evaluate(model, loader, accelerator, num_classes)
-
-
-def write_oof(recipe, accelerator, train_split, folds: np.ndarray, fold_dirs: list[Path], path: Path) -> None:
-    """teacher/oof.safetensors: `logits` [N, K] float32, row i from the fold teacher that held image i out,
-    and `fold` [N]: honest predictions on the training images, for `distill audit`."""
-    logits = None
-    for f, d in enumerate(fold_dirs):
-        rows = np.flatnonzero(folds == f)
-        model, loader = saved_model_batches(recipe, accelerator, d, train_split.subset(rows))
-        with torch.inference_mode(), accelerator.autocast():
-            fold_logits, _ = predict(model, loader, accelerator)
-        if logits is None:
-            logits = torch.zeros(len(train_split), fold_logits.shape[1])
-        logits[torch.from_numpy(rows)] = fold_logits.float()
-    if accelerator.is_main_process:
-        save_file({"logits": logits.contiguous(), "fold": torch.from_numpy(folds)}, str(path))
-    accelerator.wait_for_everyone()
 
 
 def export_targets(recipe, accelerator, rebuild: bool) -> dict:

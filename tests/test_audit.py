@@ -10,10 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from distill.audit import (
-    COLUMNS,
-    IN_SAMPLE,
-    OUT_OF_FOLD,
+from distill.audit import COLUMNS, IN_SAMPLE, OUT_OF_FOLD
+from distill.audit import main as audit_main
+from distill.confident_learning import (
     class_thresholds,
     estimated_errors,
     margin,
@@ -23,7 +22,6 @@ from distill.audit import (
     suspects,
     teacher_stats,
 )
-from distill.audit import main as audit_main
 from distill.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distill.predict import diff_main, main
+from distill.diff import diff_main
+from distill.predict import main
 from distill.recipe import StudentConfig, TTAConfig, dump_recipe, recipe_from_dict
 from distill.tta import num_views, tta_logits, views, zoom
 
