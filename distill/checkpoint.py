@@ -59,7 +59,8 @@ def planned_stop(where: str, step: int, phase: str = "step") -> None:
     """A test's exact stopping point instead of a race against a timer: DISTILL_STOP_AT="<where>:<step>:<SIGNAL>"
     (comma-separated for several) sends this process SIGNAL once stage `where` ("teacher", "teacher-fold-1",
     "students.0", "students.0.fixres") has done optimizer step `step`, before that step's checkpoint; with a
-    fourth field `save`, half-way through that step's checkpoint save instead."""
+    fourth field `save`, half-way through that step's checkpoint save instead; with `epoch`, at the end of the
+    epoch that step ends, after its evaluation and best checkpoint, before the epoch's state is saved."""
     for item in filter(None, os.environ.get("DISTILL_STOP_AT", "").split(",")):
         w, s, sig, *rest = item.split(":")
         if w == where and int(s) == step and (rest[0] if rest else "step") == phase:

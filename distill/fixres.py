@@ -132,6 +132,9 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     optim = OptimConfig(name="sgd", lr=fx.lr, weight_decay=fx.weight_decay, min_lr=0.0)
     optimizer, lr = make_optimizer([{"params": params, "weight_decay": fx.weight_decay, "lr_scale": 1.0}], optim,
                                    batch_size * accelerator.num_processes)
+    # no accumulation here: accelerator.backward divides the loss by the accumulation steps, and a student trained
+    # just before in this process may have left its own `optim.grad_accum` there (that halved FixRes's updates)
+    accelerator.gradient_accumulation_steps = 1
     model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader,
                                                                   *val_loaders.values())
     val_loaders = dict(zip(val_loaders, loaders))

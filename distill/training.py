@@ -119,6 +119,7 @@ def select(accelerator, prog: Progress, metrics: dict, epoch: int, cfg, label: s
 
 def save_epoch(checkpoints: Checkpoints, stop: StopSignal, prog: Progress, epoch: int, ema=None) -> None:
     """The state at the epoch's end (after the best checkpoint, which it records); stop here on a signal."""
+    planned_stop(checkpoints.where, prog.step, "epoch")  # tests: a kill after the best checkpoint, before this
     path = checkpoints.save(prog, ema)
     if stop.requested(checkpoints.accelerator):
         raise stop.stop(checkpoints.where, prog.step, epoch, path)

@@ -35,7 +35,9 @@ def recipe(tmp_path_factory) -> Path:
     raw["log"] = {"progress": False}
     raw["students"] = [{"name": "kd", "model": "timm:resnet10t", "resolution": 28, "epochs": 2, "batch_size": 32,
                         "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, "ema": 0.9,
-                        "optim": {"grad_accum": 2}, "kd": {"loss": "kl", "temperature": 4.0}}]
+                        "optim": {"grad_accum": 2}, "kd": {"loss": "kl", "temperature": 4.0},
+                        # 400 center views at batch 32: 12 FixRes steps per epoch
+                        "fixres": {"resolution": 32, "epochs": 2, "lr": 1.0e-3}}]
     path = tmp_path_factory.mktemp("resume") / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -178,3 +180,28 @@ def test_resume_of_another_recipe_starts_over(recipe, uninterrupted):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is of another recipe: starting over" in r.stdout
     assert_resumed_run(uninterrupted, run_dir, parts=("teacher",))
+
+
+@pytest.mark.slow
+def test_kill_after_the_best_checkpoint_and_in_fixres_then_resume(recipe, uninterrupted):
+    """SIGKILL at the end of the teacher's first epoch, after its best checkpoint and before the epoch's state;
+    then in the second FixRes epoch (its state is saved at epoch ends); `distill run` resumes both, and the
+    FixRes model ends bit-identical too."""
+    out = recipe.parent / "epoch-and-fixres"
+    run_dir = out / "tiny-timm"
+    r = distill("run", recipe, f"output_dir={out}", stop_at="teacher:6:SIGKILL:epoch")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert (run_dir / "teacher" / "model.safetensors").is_file()  # epoch 1's best checkpoint is written
+    assert state_step(run_dir / "teacher") == 6  # the in-epoch state of its last step, not the epoch's
+    r = distill("run", recipe, f"output_dir={out}", stop_at="students.0.fixres:15:SIGKILL")
+    assert "teacher: resumed from" in r.stdout, r.stdout[-3000:]
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    fixres_dir = run_dir / "students" / "kd" / "fixres"
+    assert (run_dir / "students" / "kd" / "metrics.json").is_file() and not (fixres_dir / "metrics.json").exists()
+    assert state_step(fixres_dir) == 12  # the end of the first FixRes epoch
+    r = distill("run", recipe, f"output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "students.0.fixres: resumed from" in r.stdout, r.stdout[-3000:]
+    assert_same_run(uninterrupted, run_dir, ("teacher", "students/kd", "students/kd/fixres"),
+                    weights_only=("teacher/last",))
+    assert not (fixres_dir / "resume").exists()
