@@ -17,8 +17,6 @@ from distill.recipe.cards import merge_card, read_yaml
 from distill.recipe.schema import Recipe, model_sources
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-# how an error spells a model family's names; a family not listed here reads '<prefix>:<name>'
-_MODEL_FORMS = {"hf": "hf:<hub id or dir>"}
 
 
 # --- loading -----------------------------------------------------------------
@@ -110,7 +108,7 @@ def _check_recipe(recipe: Recipe) -> None:
         raise DistillError(f"name: expected a plain run name (no '/'), got {recipe.name!r}")
     families = model_sources()
     if not _in_family(recipe.teacher.model, families):
-        forms = " or ".join(repr(_MODEL_FORMS.get(f, f"{f}:<name>")) for f in sorted(families))
+        forms = " or ".join(repr(families[f]) for f in sorted(families))
         raise DistillError(f"teacher.model: expected {forms} (or a teacher.card), got {recipe.teacher.model!r}")
     names = [s.name for s in recipe.students]
     for i, s in enumerate(recipe.students):

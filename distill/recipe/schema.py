@@ -53,11 +53,12 @@ def _kd_losses() -> tuple[str, ...]:
     return ("none", *KD_LOSSES)  # none: a recipe-level value, the labels-only baseline (no KD term)
 
 
-def model_sources() -> tuple[str, ...]:
-    """The model families a `model: "<prefix>:<name>"` may name ("timm", "hf")."""
+def model_sources() -> dict[str, str]:
+    """The model families a `model: "<prefix>:<name>"` may name, each with its form for messages
+    ({"hf": "hf:<hub id or dir>", "timm": "timm:<name>"})."""
     from distill.models.sources import SOURCES
 
-    return tuple(SOURCES)
+    return {prefix: source.usage for prefix, source in SOURCES.items()}
 
 
 def _one_of(names):
