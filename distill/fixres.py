@@ -25,7 +25,15 @@ from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
-from distill.kd import batch_target, fixres_fingerprint, online_teacher, open_store, student_loss
+from distill.kd import (
+    batch_target,
+    chosen_students,
+    fixres_fingerprint,
+    online_teacher,
+    open_store,
+    student_accelerator,
+    student_loss,
+)
 from distill.loaders import make_loader
 from distill.models import count_params, load_model, save_model
 from distill.optim import make_optimizer, make_scheduler
@@ -50,15 +58,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from distill.learn import chosen_students, student_accelerator  # learn runs FixRes after each student
-
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     students = [s for s in chosen_students(recipe, args.student) if s.fixres is not None]
     for st in students:
         if not (recipe.run_dir / "students" / st.name / "metrics.json").is_file():
-            raise DistillError(f"--fixres-only: student {st.name!r} has not been trained yet "
-                               f"({recipe.run_dir / 'students' / st.name} has no metrics.json); run learn without it")
+            raise DistillError(f"fixres: student {st.name!r} has not been trained yet "
+                               f"({recipe.run_dir / 'students' / st.name} has no metrics.json); run `distill learn` "
+                               "first")
     if not students:
         raise DistillError("fixres: none of the chosen students has a `fixres:` section")
     accelerator = student_accelerator(recipe, students)

@@ -1,5 +1,6 @@
-"""The student's side of distillation, shared by learn and fixres: the store opened against the data, the
-teacher's target for a batch (cached or online), the student's loss, and what a student stage depends on."""
+"""The student's side of distillation, shared by learn and fixres: the students chosen and their accelerator, the
+store opened against the data, the teacher's target for a batch (cached or online), the student's loss, and what
+a student stage depends on."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,13 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from distill import losses
 from distill.data import load_splits, load_unlabeled
+from distill.errors import DistillError
 from distill.mix import mix_images, mix_targets, rescale
-from distill.models import load_model
+from distill.models import check_model_name, load_model
 from distill.runs import stage_fingerprint
 from distill.store import Samples, TargetStore, dataset_fingerprint
 
@@ -31,6 +34,33 @@ def open_store(recipe, accelerator):
     if (teacher_dir / "model.json").is_file():
         store.check({"teacher.sha256": json.loads((teacher_dir / "model.json").read_text())["sha256"]})
     return store, samples, val_split, classes
+
+
+def chosen_students(recipe, names: list[str] | None) -> list:
+    """The recipe's students named by --student (all without it), checked before anything starts."""
+    for name in names or ():
+        if name not in {s.name for s in recipe.students}:
+            raise DistillError(f"--student: no student {name!r} in the recipe (its students: "
+                               f"{', '.join(s.name for s in recipe.students) or 'none'})")
+    students = [s for s in recipe.students if not names or s.name in names]
+    if not students:
+        raise DistillError("students: the recipe has no students; add a list of {name, model, kd, ...}")
+    for student in students:
+        check_model_name(student.model, f"students.{recipe.students.index(student)}")
+    if len({s.mixed_precision for s in students}) > 1:
+        raise DistillError("students.*.mixed_precision: one process runs one precision; train students with "
+                           "different precisions separately (--student NAME)")
+    return students
+
+
+def student_accelerator(recipe, students) -> Accelerator:
+    return Accelerator(
+        # without a GPU, accelerate only goes multi-process (gloo) under torchrun when told it is on CPU
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=students[0].mixed_precision,
+        log_with="tensorboard" if recipe.log.tensorboard else None,
+        project_dir=str(recipe.run_dir / "tb"),
+    )
 
 
 def online_teacher(recipe, kd, accelerator):

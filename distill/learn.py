@@ -17,7 +17,6 @@ if __name__ == "__main__" and not __package__:
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 from torch.utils.data import Subset
@@ -25,12 +24,21 @@ from torch.utils.data import Subset
 from distill import fixres, losses, policy, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
-from distill.errors import DistillError, exit_on_error
+from distill.errors import exit_on_error
 from distill.evaluate import evaluate
-from distill.kd import batch_target, online_teacher, open_store, sample_classes, student_fingerprint, student_loss
+from distill.kd import (
+    batch_target,
+    chosen_students,
+    online_teacher,
+    open_store,
+    sample_classes,
+    student_accelerator,
+    student_fingerprint,
+    student_loss,
+)
 from distill.loaders import batch_rng, make_loader
 from distill.mix import mix_images, sample_mix
-from distill.models import build_model, check_model_name, count_params, param_groups, save_model
+from distill.models import build_model, count_params, param_groups, save_model
 from distill.optim import make_optimizer, make_scheduler
 from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.record import SCORES, write_metrics
@@ -49,33 +57,6 @@ def parse_args(argv=None):
                    help="run only the FixRes stage of students already trained (those with `fixres:`); the same "
                         "as distill/fixres.py")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
-
-
-def chosen_students(recipe, names: list[str] | None) -> list:
-    """The recipe's students named by --student (all without it), checked before anything starts."""
-    for name in names or ():
-        if name not in {s.name for s in recipe.students}:
-            raise DistillError(f"--student: no student {name!r} in the recipe (its students: "
-                               f"{', '.join(s.name for s in recipe.students) or 'none'})")
-    students = [s for s in recipe.students if not names or s.name in names]
-    if not students:
-        raise DistillError("students: the recipe has no students; add a list of {name, model, kd, ...}")
-    for student in students:
-        check_model_name(student.model, f"students.{recipe.students.index(student)}")
-    if len({s.mixed_precision for s in students}) > 1:
-        raise DistillError("students.*.mixed_precision: one process runs one precision; train students with "
-                           "different precisions separately (--student NAME)")
-    return students
-
-
-def student_accelerator(recipe, students) -> Accelerator:
-    return Accelerator(
-        # without a GPU, accelerate only goes multi-process (gloo) under torchrun when told it is on CPU
-        cpu=not torch.accelerator.is_available(),
-        mixed_precision=students[0].mixed_precision,
-        log_with="tensorboard" if recipe.log.tensorboard else None,
-        project_dir=str(recipe.run_dir / "tb"),
-    )
 
 
 def main(argv=None):
