@@ -35,3 +35,17 @@ def assert_same_run(a: Path, b: Path, parts, weights_only=()) -> None:
                    {k: v for k, v in mb.items() if k not in TIMING}, part
     sa, sb = (json.loads((d / "targets" / "manifest.json").read_text()) for d in (a, b))
     assert [s["sha256"] for s in sa["shards"]] == [s["sha256"] for s in sb["shards"]]
+
+
+# README's metrics.json contract: every model (teacher, ensemble, student, FixRes) has at least these
+CONTRACT = ("top1", "top5", "macro_f1", "nll", "ece", "params", "eval_images_per_sec", "train_images_per_sec",
+            "epochs", "seed", "wall_seconds", "classes", "fingerprint")
+STUDENT_CONTRACT = ("kd_loss", "temperature", "kd_weight", "label_smoothing", "mix", "ls_decision", "ls_reason")
+
+
+def assert_metrics_contract(model_dir: Path, student: bool = False) -> dict:
+    """model_dir/metrics.json holds the contract's keys (a student's also its distillation settings)."""
+    m = json.loads((Path(model_dir) / "metrics.json").read_text())
+    missing = [k for k in (*CONTRACT, *(STUDENT_CONTRACT if student else ())) if k not in m]
+    assert not missing, f"{model_dir}/metrics.json lacks {missing}"
+    return m

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_metrics_contract
 
 ROOT = Path(__file__).resolve().parent.parent
 # one thread: the numbers must not depend on how the caller's machine splits the work
@@ -128,7 +129,10 @@ GOLDEN = {'losses': {'dkd': {'train/loss': [[1, 2.009430408477783], [2, 3.925961
 
 
 def test_a_tiny_run_reproduces_the_pinned_losses_and_metrics(tmp_path):
-    got = observed(run_golden(tmp_path))
+    run_dir = run_golden(tmp_path)
+    for part in MODELS:  # one function writes every metrics.json: the README's keys are all there
+        assert_metrics_contract(run_dir / part, student=part.startswith("students/"))
+    got = observed(run_dir)
     # the same stages logged the same loss scalars at the same steps
     assert {tb: {tag: [s for s, _ in pts] for tag, pts in tags.items()} for tb, tags in got["losses"].items()} == \
            {tb: {tag: [s for s, _ in pts] for tag, pts in tags.items()} for tb, tags in GOLDEN["losses"].items()}

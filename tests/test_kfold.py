@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import assert_metrics_contract
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -99,7 +100,9 @@ def test_kfold_teachers_with_groups_write_oof_and_an_ensemble_teacher_a_student_
                        capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     teacher = tmp_path / "tiny-timm" / "teacher"
-    m = json.loads((teacher / "metrics.json").read_text())
+    m = assert_metrics_contract(teacher)  # the ensemble's record has every key a single teacher's has
+    assert m["train_images_per_sec"] == pytest.approx(np.mean(
+        [json.loads((teacher / f"fold-{f}" / "metrics.json").read_text())["train_images_per_sec"] for f in range(3)]))
     assert [x["name"] for x in m["members"]] == ["fold-0", "fold-1", "fold-2"]
     assert m["folds"]["k"] == 3 and len(m["folds"]["heldout"]) == 3
     assert m["folds"]["top1_mean"] == pytest.approx(np.mean([h["top1"] for h in m["folds"]["heldout"]]))
