@@ -16,21 +16,24 @@ if __name__ == "__main__" and not __package__:
     # `python distill/fixres.py`: import the package, not the sibling files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import numpy as np
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import Subset
 
-from distill import training
+from distill import losses, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
 from distill.kd import (
     batch_target,
+    check_kd,
     chosen_students,
     fixres_fingerprint,
     online_teacher,
     open_store,
+    sample_classes,
     student_accelerator,
     student_loss,
 )
@@ -44,7 +47,7 @@ from distill.store import ReplayDataset
 
 # what the FixRes model inherits from its student's metrics.json: how it was distilled
 INHERITED = ("model", "kd_loss", "kd_targets", "temperature", "kd_weight", "kd_standardize", "label_smoothing", "mix",
-             "ema", "ls_policy", "ls_decision", "ls_reason", "ls_evidence")
+             "ema", "imbalance", "ls_policy", "ls_decision", "ls_reason", "ls_evidence")
 
 
 def parse_args(argv=None):
@@ -70,6 +73,7 @@ def main(argv=None):
         raise DistillError("fixres: none of the chosen students has a `fixres:` section")
     accelerator = student_accelerator(recipe, students)
     store, samples, val_split, classes = open_store(recipe, accelerator)
+    check_kd(recipe, students, len(classes))
     for student in students:
         fixres_student(recipe, student, recipe.students.index(student), store, samples, val_split, classes,
                        accelerator, args.resume)
@@ -115,7 +119,9 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     out_dir = student_dir / "fixres"
     model, train_pre, _ = load_model(student_dir)  # its selected checkpoint (the EMA weights with `ema`)
     student = json.loads((student_dir / "metrics.json").read_text())
-    test_pre = dataclasses.replace(train_pre, input_size=fx.resolution, crop_pct=fx.crop_pct or train_pre.crop_pct)
+    # trained on the store's center view, so tested (and saved) with that crop: objects keep their apparent size
+    center_crop = store.manifest["view_spec"]["center_crop_pct"]
+    test_pre = dataclasses.replace(train_pre, input_size=fx.resolution, crop_pct=center_crop)
     temperature = student["temperature"]  # the student's own, as the LS policy decided it
     teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
     train_ds = ReplayDataset(store, samples, test_pre, view="center", seed=seed, teacher_pre=teacher_pre)
@@ -123,9 +129,13 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
         train_ds = Subset(train_ds, range(samples.num_labeled))
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
     batch_size = fx.batch_size or cfg.batch_size
+    imb = cfg.imbalance  # the student's own: its sampler, class weights and focal γ carry into this stage
     train_loader = make_loader(train_ds, batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               seed=seed)
+                               seed=seed, balance=imb.sampler,
+                               classes=sample_classes(store, samples, len(train_ds)) if imb.sampler != "none" else None)
     sampler = train_loader.sampler
+    counts = np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes)  # labeled images only
+    weights = losses.class_weights(counts, imb.class_weights, imb.effective_beta)
     val_loaders = {res: make_loader(ImageDataset(val_split, build_transform(None, "eval", p, where=f"{where}.eval")),
                                     cfg.eval_batch_size or batch_size, recipe, train=False,
                                     world_size=accelerator.num_processes)
@@ -178,7 +188,8 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
                                                        recipe.log.progress):
                 x, y = batch[:2]
                 target, _ = batch_target(batch, None, teacher, kd, temperature, accelerator)
-                parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, None)
+                parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, None,
+                                     weights, imb.focal_gamma)
                 if not training.finite(parts["loss"], accelerator, prog, cfg.optim.max_bad_steps, f"{where}.fixres",
                                        out_dir):
                     optimizer.zero_grad()

@@ -53,6 +53,17 @@ def chosen_students(recipe, names: list[str] | None) -> list:
     return students
 
 
+def check_kd(recipe, students, num_classes: int) -> None:
+    """What the recipe alone cannot check, once the class count is known: refuse it before anything trains."""
+    for student in students:
+        kd, i = student.kd, recipe.students.index(student)
+        if kd.standardize and kd.loss != "none" and num_classes == 2:
+            # (z - mean) / std of two logits is always (+1/√2, -1/√2): the student's standardised logits are
+            # constant, and so the KD term gives it no gradient at all
+            raise DistillError(f"students.{i}.kd.standardize: with 2 classes standardised logits are always "
+                               "±1/√2, so the KD term has no gradient; set kd.standardize: false")
+
+
 def student_accelerator(recipe, students) -> Accelerator:
     return Accelerator(
         # without a GPU, accelerate only goes multi-process (gloo) under torchrun when told it is on CPU

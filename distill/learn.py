@@ -28,6 +28,7 @@ from distill.errors import exit_on_error
 from distill.evaluate import evaluate
 from distill.kd import (
     batch_target,
+    check_kd,
     chosen_students,
     online_teacher,
     open_store,
@@ -67,6 +68,7 @@ def main(argv=None):
     students = chosen_students(recipe, args.student)
     accelerator = student_accelerator(recipe, students)
     store, samples, val_split, classes = open_store(recipe, accelerator)  # checked before anything is written
+    check_kd(recipe, students, len(classes))
     for student in students:
         index = recipe.students.index(student)
         train_student(recipe, student, index, store, samples, val_split, classes, accelerator, args.resume)

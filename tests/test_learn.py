@@ -180,7 +180,10 @@ def test_fixres_trains_only_the_head_and_the_last_normalisation(study):
     assert m["top1"] == f["after_32px"]["top1"]
     # the student's own accuracy at its resolution is the "before" one: the same model, the same images
     assert f["before_28px"]["top1"] == pytest.approx(study.metrics("kd")["top1"])
-    assert json.loads((study.dir / "students/kd/fixres/model.json").read_text())["preprocess"]["input_size"] == 32
+    pre = json.loads((study.dir / "students/kd/fixres/model.json").read_text())["preprocess"]
+    # tested and saved on the crop it trained on: the store's center view (targets.center_crop_pct)
+    view_spec = json.loads((study.dir / "targets" / "manifest.json").read_text())["view_spec"]
+    assert pre["input_size"] == 32 and pre["crop_pct"] == view_spec["center_crop_pct"]
     assert m["temperature"] == study.metrics("kd")["temperature"]  # the same KD signal, the same LS decision
 
     before = load_file(study.dir / "students/kd/model.safetensors")
@@ -226,3 +229,15 @@ def test_a_failing_stage_is_named_and_the_earlier_stages_kept(study):
     assert (study.dir / "teacher" / "metrics.json").read_text() == teacher
     assert (study.dir / "targets" / "manifest.json").read_text() == manifest
     assert study.metrics("baseline")["epochs"] == 2
+
+
+def test_standardised_kd_with_two_classes_is_refused():
+    """Two standardised logits are always ±1/√2: the KD term would have no gradient."""
+    from distill.errors import DistillError
+    from distill.kd import check_kd
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["students.kd.kd.standardize=true"])
+    check_kd(recipe, recipe.students, 10)
+    with pytest.raises(DistillError, match=r"students.1.kd.standardize: with 2 classes"):
+        check_kd(recipe, recipe.students, 2)

@@ -46,6 +46,8 @@ def test_defaults_and_types():
     ({**BASE, "students": [{"model": "timm:x"}]}, "students.0.name: missing (required)"),
     ({"name": "t", "teacher": {"model": "resnet"}}, "teacher.model: expected 'hf:<hub id or dir>' or 'timm:<name>'"),
     (_with(augment={"train": [{"p": 0.5}]}), "teacher.augment.train.0: expected a mapping with 'name:"),
+    ({**BASE, "students": [{"name": "a", "model": "timm:x", "fixres": {"resolution": 32, "crop_pct": 0.875}}]},
+     "students.0.fixres.crop_pct: 0.875 differs from the store's center view (targets.center_crop_pct: 1.0)"),
 ])
 def test_errors_name_the_key(raw, message):
     assert message in _error(raw)

@@ -116,6 +116,12 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.name: {s.name!r} is used twice; names must be unique")
         if not _in_family(s.model, families):
             raise DistillError(f"students.{i}.model: expected 'timm:<name>', got {s.model!r}")
+        center = recipe.targets.center_crop_pct
+        if s.fixres is not None and s.fixres.crop_pct is not None and s.fixres.crop_pct != center:
+            # FixRes trains on the store's center view and is evaluated and saved with its own crop: they must agree
+            raise DistillError(f"students.{i}.fixres.crop_pct: {s.fixres.crop_pct} differs from the store's center "
+                               f"view (targets.center_crop_pct: {center}), the crop FixRes trains on; leave "
+                               "fixres.crop_pct out, or set targets.center_crop_pct to it (the store is rebuilt)")
     if recipe.targets.oof and not recipe.teacher.folds:
         raise DistillError("targets.oof: out-of-fold targets need fold teachers; set teacher.folds (e.g. 5)")
     if recipe.data.group_column is not None and recipe.data.source != "csv":

@@ -239,7 +239,8 @@ class FixResConfig:
     lr: float = field(default=1e-3, metadata=_positive())  # SGD with momentum, cosine to 0 over the epochs
     weight_decay: float = field(default=0.0, metadata=_non_negative())
     batch_size: int | None = field(default=None, metadata=_at_least(1, 65_536))  # null: the student's
-    crop_pct: float | None = field(default=None, metadata=_half_open_unit())  # null: the student's test crop
+    # null: targets.center_crop_pct, the crop of the store's center view FixRes trains on (another one is refused)
+    crop_pct: float | None = field(default=None, metadata=_half_open_unit())
     # false: only the classifier and the last block's normalisation (statistics re-estimated) train
     train_last_block: bool = False
 
