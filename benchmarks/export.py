@@ -127,20 +127,37 @@ def read_seconds(reader, batches: int, batch: int = 128) -> float:
     return (time.perf_counter() - start) / batches
 
 
+def old_reconstruct(values: np.ndarray, index: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
+    """The reconstruction of store format 1, for the table: an even tail at 1 - Σ exp(float16 top - lse of all K)."""
+    kept = np.exp(values - lse[:, None]).sum(1)
+    tail = np.clip(1.0 - kept, 1e-12, None) / max(num_classes - values.shape[1], 1)
+    out = np.repeat((np.log(tail) + lse)[:, None], num_classes, axis=1).astype(np.float32)
+    np.put_along_axis(out, index.astype(np.int64), values, axis=1)
+    return out
+
+
 def topk_errors(full: np.ndarray, k: int) -> dict:
-    """KL(full ‖ top-k reconstruction) per row at each temperature, the reconstruction by the library."""
+    """KL(full ‖ top-k reconstruction) per row at each temperature, old (format 1) and new (the library's)."""
     z = torch.from_numpy(full)
     top = z.topk(k, dim=-1)
-    lse = z.logsumexp(-1).numpy()
     # float16 top-k values as the store keeps them (already exact: `full` came out of a float16 store)
-    values = top.values.half().float().numpy()
-    recon = store.reconstruct_topk(values, top.indices.numpy().astype(np.int16), lse, full.shape[1])
-    out = {"tail": float((1 - np.exp(values - lse[:, None]).sum(1)).mean())}
+    values, index = top.values.half().float().numpy(), top.indices.numpy().astype(np.int16)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter(-1, top.indices, False)
+    tail_lse = z.masked_fill(~tail, -float("inf")).logsumexp(-1).numpy()  # as the shard writer keeps them
+    tail_mean = (z.masked_fill(~tail, 0.0).sum(-1) / max(full.shape[1] - k, 1)).numpy()
+    recon = {"old": old_reconstruct(values, index, z.logsumexp(-1).numpy(), full.shape[1]),
+             "new": {t: store.reconstruct_topk(values, index, tail_lse, tail_mean, full.shape[1], t)
+                     for t in TEMPERATURES}}
+    out = {"tail": float(np.exp(tail_lse - z.logsumexp(-1).numpy()).mean())}
     for t in TEMPERATURES:
         logp = torch.from_numpy(full).double().div(t).log_softmax(-1)
-        logq = torch.from_numpy(recon).double().div(t).log_softmax(-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
-        out[t] = (float(kl.mean()), float(kl.max()))
+        for name, r in recon.items():
+            r = r[t] if isinstance(r, dict) else r  # new: rebuilt for the temperature it is used at
+            logq = torch.from_numpy(r).double().div(t).log_softmax(-1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+            # the tail's mass at T, reconstructed / true: the spread's error alone, whatever the classes' order
+            ratio = (logq.exp() * tail).sum(-1) / (logp.exp() * tail).sum(-1)
+            out[name, t] = (float(kl.mean()), float(kl.max()), float(ratio.mean()))
     return out
 
 
@@ -262,14 +279,20 @@ def main():
         for k in TOPK:
             e, kept = topk_errors(full, k), store.logits_spec(dataclasses.replace(spec, logits="topk", topk=k), 1000)
             index_bytes = np.dtype(kept["index_dtype"]).itemsize
-            rows.append([k, k * (2 + index_bytes) + 4, f"{e['tail']:.4f}", *(f"{v:.2e}" for t in TEMPERATURES
-                                                                            for v in e[t])])
+            for name in ("old", "new"):
+                # old: k values + indices + lse; new: + tail_lse, tail_mean, logit_mean, logit_std (float32 each)
+                extra = 4 if name == "old" else 16
+                rows.append([k, name, k * (2 + index_bytes) + extra, f"{e['tail']:.4f}",
+                             *(f"{e[name, t][0]:.4f}" for t in TEMPERATURES), f"{e[name, 4.0][1]:.3f}",
+                             f"{e[name, 4.0][2]:.3f}"])
         sections.append(("4. Top-k storage error (efficientnet-lite0 with its 1000-class ImageNet head)", table(
-            ["k", "logit bytes/view (full: 2000)", "mean tail mass T=1", "KL mean T=1", "KL max T=1",
-             "KL mean T=4", "KL max T=4"], *rows,
+            ["k", "reconstruction", "logit bytes/view (full: 2000 + 8)", "mean tail mass T=1", "KL mean T=1",
+             "KL mean T=4", "KL max T=4", "tail mass T=4, reconstructed / true"], *rows,
         ) + f"\n\n{len(full)} rows ({n_topk} samples × {store_k.rows_per_sample} views) read from a "
-            "`targets.logits: full` float16 store; KL(full ‖ `reconstruct_topk`) in nats, softmax(logits / T) "
-            "on both sides."))
+            "`targets.logits: full` float16 store; KL(full ‖ reconstruction) in nats, softmax(logits / T) on both "
+            "sides. old: store format 1 (an even tail at 1 - Σ exp(float16 top-k - log-sum-exp of all K)); new: "
+            "`reconstruct_topk` from the tail's own log-sum-exp and mean (format 2): an even tail whose mass at "
+            "temperature T is exact at T = 1 and interpolated in 1/T between the tail's mean and its log-sum-exp."))
 
     print("# distill soft-target export benchmark\n")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "

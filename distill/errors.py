@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -36,6 +37,9 @@ def exit_on_error(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`distill --help | head`): nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
+            sys.exit(1)
         except DistillError as e:
             message = str(e)
             if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line

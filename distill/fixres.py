@@ -124,7 +124,8 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     test_pre = dataclasses.replace(train_pre, input_size=fx.resolution, crop_pct=center_crop)
     temperature = student["temperature"]  # the student's own, as the LS policy decided it
     teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
-    train_ds = ReplayDataset(store, samples, test_pre, view="center", seed=seed, teacher_pre=teacher_pre)
+    train_ds = ReplayDataset(store, samples, test_pre, view="center", seed=seed, teacher_pre=teacher_pre,
+                             temperature=temperature, standardized=kd.standardize)
     if kd.loss == "none" or not kd.use_unlabeled:
         train_ds = Subset(train_ds, range(samples.num_labeled))
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds

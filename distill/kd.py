@@ -94,12 +94,24 @@ def sample_classes(store, samples, n: int) -> np.ndarray:
     return classes
 
 
-def teacher_probs(logits: torch.Tensor, kd, temperature: float) -> torch.Tensor:
+def teacher_probs(logits, kd, temperature: float) -> torch.Tensor:
     """What the student matches, before mixing: softmax(t / T) (of standardised t), or one-hot argmax for a
-    loss that is not `soft` (hard)."""
+    loss that is not `soft` (hard).
+
+    `logits` is the teacher's output [B, K] (online), or what a store batch carries (`ReplayDataset`): a dict of
+    "logits" [B, K] and the row's "logit_mean" / "logit_std" [B] over all K float32 logits. Standardisation then
+    uses those stored statistics (as `losses.standardize`: (t - mean) / (std + 1e-6)), not the stored row's own,
+    which for top-k storage would be the reconstruction's and for full storage the float16 row's.
+    """
+    stats = None
+    if isinstance(logits, dict):
+        stats, logits = logits, logits["logits"]
     if not losses.KD_LOSSES[kd.loss].soft:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    z = losses.standardize(logits) if kd.standardize else logits.float()
+    if kd.standardize and stats is not None:
+        z = (logits.float() - stats["logit_mean"].float()[:, None]) / (stats["logit_std"].float()[:, None] + 1e-6)
+    else:
+        z = losses.standardize(logits) if kd.standardize else logits.float()
     return F.softmax(z / temperature, dim=-1)
 
 
@@ -133,7 +145,8 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
     KD is `losses.KD_LOSSES[kd.loss]`. The CE term takes the class weights and focal γ of `imbalance`
     (`losses.weighted_cross_entropy`); the KD term is left as it is: it transfers the teacher's distribution,
     whose class balance is the teacher's. Unlabeled samples (label -1), and samples mixed with one, contribute
-    only the KD term. Smoothing only ever touches the label term, never the KD target.
+    only the KD term. Smoothing only ever touches the label term, never the KD target. The KD loss gets each
+    sample's target class after mixing (the label with the larger weight, -1 unknown), which only DKD uses.
     """
     kd_loss = None if kd.loss == "none" else losses.KD_LOSSES[kd.loss]
     w = 0.0 if kd_loss is None else kd.weight
@@ -150,7 +163,10 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
         ce = losses.weighted_cross_entropy(logits[known], target[known], weights, gamma)
     kd_term = zero
     if w > 0:
-        kd_term = kd_loss.fn(logits_kd, target_probs, labels, temperature, kd)
+        # the target class of a mixed sample is the label with the larger weight (own: λ, partner B-1-i: 1 - λ);
+        # -1 (unlabeled) leaves it to the loss, which takes the mixed teacher's argmax
+        target_class = labels if mix is None or mix.lam >= 0.5 else labels.flip(0)
+        kd_term = kd_loss.fn(logits_kd, target_probs, target_class, temperature, kd)
     loss = (1 - w) * ce + w * kd_term
     return {"loss": loss, "loss_ce": ce.detach(), "loss_kd": kd_term.detach()}
 

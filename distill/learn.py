@@ -90,7 +90,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
 
     model, pre = build_model(cfg, num_classes, where=where, classes=classes)
     teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
-    train_ds = ReplayDataset(store, samples, pre, view="random", seed=seed, teacher_pre=teacher_pre)
+    train_ds = ReplayDataset(store, samples, pre, view="random", seed=seed, teacher_pre=teacher_pre,
+                             temperature=temperature, standardized=kd.standardize)
     if kd.loss == "none" or not kd.use_unlabeled:
         train_ds = Subset(train_ds, range(samples.num_labeled))  # labels only: the baseline's data
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch

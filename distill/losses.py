@@ -101,26 +101,45 @@ def kd_dkd(student_logits: torch.Tensor, teacher_probs: torch.Tensor, target: to
     distribution over the non-target classes renormalised:
         TCKD = KL(b_t ‖ b_s),   NCKD = KL(p̂_t ‖ p̂_s).
     `target` holds g per sample (the label; for unlabeled samples the teacher's argmax).
+
+    Computed as the authors' code does (mdistiller, DKD.py), stable for confident teachers: 1 - p_g is
+    never formed by a subtraction. Student, in log space with z = s / T:
+        log p_g = z_g - lse_k z_k,   log(1 - p_g) = lse_{k≠g} z_k - lse_k z_k,   log p̂_k = z_k - lse_{k≠g} z_k.
+    Teacher (probabilities, possibly mixed): its non-target mass is the *sum* Σ_{k≠g} p_k and p̂_k = p_k / that
+    sum; 0 · log 0 = 0 (xlogy). A teacher with no non-target mass at all (one-hot) has no p̂ and NCKD = 0.
     """
+    z = student_logits.float() / temperature
     p_t = teacher_probs.float()
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p_s = log_p_s.exp()
     g = target.long().unsqueeze(1)
-    mask = torch.zeros_like(p_t, dtype=torch.bool).scatter_(1, g, True)
-    eps = 1e-12
-    pt_g, ps_g = p_t.gather(1, g).clamp(eps, 1 - eps), p_s.gather(1, g).clamp(eps, 1 - eps)
-    b_t, b_s = torch.cat([pt_g, 1 - pt_g], 1), torch.cat([ps_g, 1 - ps_g], 1)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1)
-    # non-target distributions, renormalised: log p̂ = log p - log(1 - p_g) on the other classes
-    log_hat_s = (log_p_s - (1 - ps_g).log()).masked_fill(mask, 0.0)
-    hat_t = (p_t / (1 - pt_g)).masked_fill(mask, 0.0)
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter_(1, g, True)
+    # student: log p_g, log(1 - p_g) and log p̂ from log-sum-exps, never from probabilities
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    lse_other = torch.logsumexp(z.masked_fill(mask, float("-inf")), -1, keepdim=True)
+    log_b_s = torch.cat([z.gather(1, g) - lse, lse_other - lse], 1)
+    log_hat_s = (z - lse_other).masked_fill(mask, 0.0)
+    # teacher: the target mass and the summed non-target mass (small masses summed, not 1 minus a large one)
+    other_t = p_t.masked_fill(mask, 0.0)
+    mass_other = other_t.sum(1, keepdim=True)
+    b_t = torch.cat([p_t.gather(1, g), mass_other], 1)
+    hat_t = other_t / mass_other.clamp_min(torch.finfo(torch.float32).tiny)
+    tckd = (torch.xlogy(b_t, b_t) - b_t * log_b_s).sum(1)
     nckd = (torch.xlogy(hat_t, hat_t) - hat_t * log_hat_s).sum(1)
     return temperature**2 * (alpha * tckd + beta * nckd).mean()
 
 
-def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
-    a = a - a.mean(dim, keepdim=True)
-    b = b - b.mean(dim, keepdim=True)
+def _split_at_one(probs: torch.Tensor, complement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = o + r with o ∈ {0, 1} exact and r small and precise: a row's class above 1/2 becomes 1 - (the summed
+    mass of the others, `complement`), so differences between probabilities near 1 keep their digits."""
+    top = probs.argmax(-1, keepdim=True)
+    big = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top, probs.gather(1, top) > 0.5)
+    return big.float(), torch.where(big, -complement.expand_as(probs), probs)
+
+
+def _pearson_distance(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], dim: int,
+                      eps: float = 1e-8) -> torch.Tensor:
+    # centred as (o - mean o) + (r - mean r): exact where a class is near 1 all along `dim`
+    a = (a[0] - a[0].mean(dim, keepdim=True)) + (a[1] - a[1].mean(dim, keepdim=True))
+    b = (b[0] - b[0].mean(dim, keepdim=True)) + (b[1] - b[1].mean(dim, keepdim=True))
     r = (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
     return 1 - r.mean()
 
@@ -131,18 +150,29 @@ def kd_dist(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
     inter = 1 - mean_i ρ(p_s[i, :], p_t[i, :])   (Pearson correlation across classes, per sample)
     intra = 1 - mean_c ρ(p_s[:, c], p_t[:, c])   (Pearson correlation across the batch, per class)
+    with ρ(a, b) = Σ (a - ā)(b - b̄) / (‖a - ā‖ ‖b - b̄‖ + 1e-8). A probability near 1 is taken as 1 minus the summed
+    mass of the other classes (the student's from log-sum-exps), so a batch confident in one class keeps the
+    small differences its correlation across the batch is made of.
     """
-    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
+    z = student_logits.float() / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    top = z.argmax(-1, keepdim=True)
+    other = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top, True)
+    s = _split_at_one((z - lse).exp(), (torch.logsumexp(z.masked_fill(other, float("-inf")), -1, True) - lse).exp())
     p_t = teacher_probs.float()
-    return temperature**2 * (beta * _pearson_distance(p_s, p_t, 1) + gamma * _pearson_distance(p_s, p_t, 0))
+    top_t = torch.zeros_like(p_t, dtype=torch.bool).scatter_(1, p_t.argmax(-1, keepdim=True), True)
+    t = _split_at_one(p_t, p_t.masked_fill(top_t, 0.0).sum(-1, keepdim=True))
+    return temperature**2 * (beta * _pearson_distance(s, t, 1) + gamma * _pearson_distance(s, t, 0))
 
 
 # --- the KD losses a recipe can name (`students.N.kd.loss`) ------------------------------
-# One signature: (student logits, teacher probabilities, labels (-1: unlabeled), T, the `kd` section) → float32
-# scalar. `soft` losses match softmax(t / T) (standardised with `kd.standardize`, which then applies to the
-# student's logits too); the others match the teacher's one-hot decision (argmax). Their parameters are `kd`
-# keys, documented with `KDConfig` in distill/recipe: kl: temperature; dkd: dkd_alpha, dkd_beta; dist:
-# dist_beta, dist_gamma. A new loss is a function here, an entry below, and its test.
+# One signature: (student logits, teacher probabilities, labels, T, the `kd` section) → float32 scalar. `labels` is
+# the batch's target class after mixing (`kd.student_loss`: under MixUp/CutMix the label with the larger weight),
+# -1 where it is unknown (unlabeled); a loss that needs a class then takes the teacher's argmax. `soft` losses
+# match softmax(t / T) (standardised with `kd.standardize`, which then applies to the student's logits too); the
+# others match the teacher's one-hot decision (argmax). Their parameters are `kd` keys, documented with `KDConfig`
+# in distill/recipe: kl: temperature; dkd: dkd_alpha, dkd_beta; dist: dist_beta, dist_gamma. A new loss is a
+# function here, an entry below, and its test.
 @dataclass(frozen=True)
 class KDLoss:
     fn: Callable[..., torch.Tensor]
@@ -158,7 +188,7 @@ def _hard(student_logits, teacher_probs, labels, temperature, kd):
 
 
 def _dkd(student_logits, teacher_probs, labels, temperature, kd):
-    # the target class: the label, or for an unlabeled sample the teacher's decision
+    # the target class: the (mixed batch's) label, or where it is unknown the decision of the (mixed) teacher
     g = torch.where(labels >= 0, labels, teacher_probs.argmax(-1))
     return kd_dkd(student_logits, teacher_probs, g, temperature, kd.dkd_alpha, kd.dkd_beta)
 

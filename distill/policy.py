@@ -12,10 +12,19 @@ import numpy as np
 
 from distill.losses import KD_LOSSES
 
-# the store diagnostic's thresholds: the confidence ceiling a smoothed teacher cannot pass, and how evenly it
-# spreads the rest of its mass (1 = perfectly even); both must hold to suspect smoothing
-SUSPECT_ALPHA = 0.03
-SUSPECT_UNIFORMITY = 0.85
+# the store diagnostic's thresholds, set between the simulated teachers of tests/test_policy.py. A smoothed teacher
+# cannot pass the confidence ceiling 1 - α + α/K (implied α >= SUSPECT_ALPHA: a ceiling under 0.99 at K = 2), at
+# least SUSPECT_PILEUP of its right samples sit within PILEUP_BAND (relative, in log-odds) under that ceiling, and
+# with K >= 3 the non-target classes beyond the FAVOURED_CLASSES most probable hold at least SUSPECT_UNIFORMITY of
+# their even share. Simulated (K = 2..1000, full and top-k): smoothed teachers give pile-up >= 0.68 and uniformity
+# >= 0.88; teachers without smoothing (calibrated, or temperature-scaled to max-prob 0.6-0.8) pile-up <= 0.22, and
+# uniformity <= 0.67 at K = 10 but up to 0.97 at K = 1000, where temperature raises a diffuse tail into a floor:
+# there the ceiling and the pile-up are what tell them apart.
+SUSPECT_ALPHA = 0.02
+FAVOURED_CLASSES = 3
+SUSPECT_UNIFORMITY = 0.7
+PILEUP_BAND = 0.25
+SUSPECT_PILEUP = 0.35
 
 
 def teacher_record(cfg) -> dict:
@@ -39,29 +48,46 @@ def teacher_record(cfg) -> dict:
     }
 
 
-def smoothing_signature(max_probs: np.ndarray, uniformity: list[np.ndarray], num_classes: int) -> dict:
-    """The label-smoothing signature of a teacher's center-view outputs.
+def smoothing_signature(max_prob: np.ndarray, gap: np.ndarray, right: np.ndarray, evenness: np.ndarray | None,
+                        num_classes: int) -> dict:
+    """The label-smoothing signature of a teacher's center-view outputs (`store.diagnostics.center_evidence`).
 
-    A teacher trained with label smoothing α cannot be more confident than 1 - α + α/K, and spreads its
-    remaining mass evenly over the other classes (Müller et al. 2019). So: `implied_alpha` = the α whose
-    ceiling is the 99th percentile of max-probability (`max_probs`), and `nontarget_uniformity` = the mean
-    normalised entropy of the non-argmax probabilities over confidently right samples (`uniformity`, one array
-    per chunk). `label_smoothing_suspected` when implied_alpha >= SUSPECT_ALPHA and nontarget_uniformity >=
-    SUSPECT_UNIFORMITY: the measure does not depend on the class count, and with a top-k store it is exact,
-    because the top-1 probability and the tail's mass are both kept.
+    A teacher trained with label smoothing α on K classes cannot be more confident than 1 - α + α/K, its right
+    samples pile up just under that ceiling, and it spreads the rest of its mass evenly (Müller et al. 2019).
+    `max_prob` and `gap` (= 1 - max_prob, summed from the other probabilities) of every labeled sample, `right`
+    whether it was right, `evenness` one value per confidently right sample (None when K = 2 or the store's k
+    leaves nothing to test). Each measure below is a ratio, so it reads the same at any K:
+    - `implied_alpha`: the α whose ceiling is the 99th percentile of max-prob, (1 - p99)·K/(K - 1).
+    - `ceiling_pileup`: the fraction of right samples whose log-odds log(p1 / (1 - p1)) is within PILEUP_BAND of
+      its 99th percentile (relatively): training with smoothing stops every right sample at the ceiling, while a
+      teacher without it, however under-confident, keeps its spread of margins (temperature scales them all).
+    - `nontarget_uniformity`: the median evenness, the mean probability of the non-target classes outside the
+      FAVOURED_CLASSES most probable over the mean of all non-target ones: ≈ 1 for an even floor at any K, even
+      when the smoothed teacher's similar classes keep some mass; near 0 when the doubt sits on a few classes.
+    `label_smoothing_suspected` when all that can be measured agrees: implied_alpha >= SUSPECT_ALPHA, ceiling_pileup
+    >= SUSPECT_PILEUP and, with K >= 3, nontarget_uniformity >= SUSPECT_UNIFORMITY. Exact for top-k stores (see
+    center_evidence). None (JSON null), never NaN, where a measure is undefined.
     """
     k = num_classes
-    p99 = float(np.quantile(max_probs, 0.99)) if len(max_probs) else 1.0
-    implied_alpha = max(0.0, (1 - p99) * k / (k - 1))
-    # None (JSON null), not NaN, when no sample is confidently right: an untrained teacher shows no signature
-    uniform = float(np.concatenate(uniformity).mean()) if uniformity else None
+    # the 1st percentile of the gap rather than 1 - p99: a confident teacher's gaps are below float resolution at 1
+    g01 = float(np.quantile(gap, 0.01)) if len(gap) else 0.0
+    implied_alpha = g01 * k / (k - 1) if k > 1 else 0.0
+    pileup = None
+    if right.any() and g01 > 0:
+        with np.errstate(divide="ignore"):
+            odds = np.log(max_prob[right]) - np.log(gap[right])  # +inf where the gap underflowed: far from a ceiling
+        top = float(np.quantile(odds, 0.99))
+        pileup = float((odds >= (1 - PILEUP_BAND) * top).mean()) if np.isfinite(top) and top > 0 else 0.0
+    uniform = float(np.median(evenness)) if evenness is not None and len(evenness) else None
+    even = evenness is None or (uniform is not None and uniform >= SUSPECT_UNIFORMITY)
     return {
-        "max_prob_p99": p99,
+        "max_prob_p99": 1 - g01,
         "implied_alpha": implied_alpha,
         "ls_ceiling": 1 - implied_alpha + implied_alpha / k,
         "nontarget_uniformity": uniform,
-        "label_smoothing_suspected": bool(implied_alpha >= SUSPECT_ALPHA and uniform is not None
-                                          and uniform >= SUSPECT_UNIFORMITY),
+        "ceiling_pileup": pileup,
+        "label_smoothing_suspected": bool(implied_alpha >= SUSPECT_ALPHA and pileup is not None
+                                          and pileup >= SUSPECT_PILEUP and even),
     }
 
 
@@ -86,8 +112,11 @@ def decide(kd, teacher: dict, diagnostics: dict) -> tuple[float, dict]:
         else:
             evidence.append(card)
     if diagnostics.get("label_smoothing_suspected"):
+        even = diagnostics.get("nontarget_uniformity")
+        shape = (f"non-target probabilities are even ({even:.2f})" if even is not None else
+                 f"right samples pile up under it ({diagnostics.get('ceiling_pileup') or 0:.2f})")
         evidence.append(f"store diagnostic: confidence ceiling implies alpha ≈ {diagnostics['implied_alpha']:.3f} "
-                        f"and non-target probabilities are even ({diagnostics['nontarget_uniformity']:.2f})")
+                        f"and {shape}")
     temperature, requested = kd.temperature, kd.temperature
     if kd.loss == "none" or not KD_LOSSES[kd.loss].soft:
         decision, reason = "not applicable", f"kd.loss {kd.loss} uses no temperature"

@@ -192,3 +192,178 @@ def test_ls_policy_decisions():
     assert t == 2.0 and d["ls_decision"] == "keep" and "fine-tuned without it" in d["ls_reason"]
     t, d = ls_policy(KDConfig(temperature=2.0), {"pretrain_label_smoothing": 0.1, "fine_tuned": True}, diag)
     assert t == 1.0 and "store diagnostic" in d["ls_reason"] and "teacher card" not in d["ls_reason"]
+
+
+# --- stability on extreme logits, against float64 references written from the formulas ------------------------
+# Inputs are produced under bf16 autocast (the losses cast to float32 themselves); the references see the same
+# bf16 values in float64 and never subtract a mass from 1.
+REF_RTOL, REF_ATOL = 1e-4, 1e-5  # on the loss / T² per sample (DKD, KL) or per batch (DIST)
+
+
+def _ref_dkd(s, t, g, temperature, alpha=1.0, beta=8.0):
+    """Per-sample DKD / T² in float64 from logits: b = [p_g, Σ_{k≠g} p_k], p̂ = p / Σ_{k≠g} p_k off g."""
+    p_s, p_t = torch.softmax(s.double() / temperature, -1), torch.softmax(t.double() / temperature, -1)
+    mask = F.one_hot(g, s.shape[-1]).bool()
+
+    def split(p):
+        other = p.masked_fill(mask, 0).sum(-1, keepdim=True)
+        return torch.cat([p.gather(1, g[:, None]), other], 1), p / other
+
+    (b_s, hat_s), (b_t, hat_t) = split(p_s), split(p_t)
+    tckd = (torch.xlogy(b_t, b_t) - b_t * b_s.log()).sum(-1)
+    nckd = (torch.xlogy(hat_t, hat_t) - hat_t * hat_s.log()).masked_fill(mask, 0).sum(-1)
+    return alpha * tckd + beta * nckd
+
+
+def _ref_kl(s, t, temperature):
+    p_s, p_t = torch.softmax(s.double() / temperature, -1), torch.softmax(t.double() / temperature, -1)
+    return (torch.xlogy(p_t, p_t) - p_t * p_s.log()).sum(-1)
+
+
+def _ref_dist(s, t, temperature, eps=1e-8):
+    p_s, p_t = torch.softmax(s.double() / temperature, -1), torch.softmax(t.double() / temperature, -1)
+
+    def rho(a, b, dim):
+        a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+        return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+    return (1 - rho(p_s, p_t, 1).mean()) + (1 - rho(p_s, p_t, 0).mean())
+
+
+def _extreme_batch(num_classes, gap, seed):
+    """(student logits, teacher logits, target classes) in bf16, made under autocast. The teacher puts `gap` on
+    its argmax over the next logit; the students: random, as confident as the teacher on the same class, as
+    confident on another class; the target class: the teacher's argmax, or (last rows) another class."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 6
+    t = torch.randn(n, num_classes, generator=gen)
+    top = torch.randint(0, num_classes, (n,), generator=gen)
+    other = (top + 1 + torch.randint(0, num_classes - 1, (n,), generator=gen)) % num_classes
+    t[torch.arange(n), top] = t.max(1).values + gap
+    s = torch.randn(n, num_classes, generator=gen) * 2
+    s[2:4] = t[2:4] + torch.randn(2, num_classes, generator=gen)
+    s[4:, :] = t[4:] * 0.5
+    s[torch.arange(4, n), other[4:]] = s[4:].max(1).values + gap
+    g = torch.where(torch.arange(n) < 4, top, other)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eye = torch.eye(num_classes)
+        return torch.mm(s, eye), torch.mm(t, eye), g  # matmuls run in bf16 under autocast
+
+
+EXTREME = [(k, temperature, gap) for k in (2, 10, 1000) for temperature in (1.0, 4.0)
+           for gap in (0.0, 15.0, 18.0, 40.0, 80.0)]
+
+
+def _loss_and_reference(name, s, t, p, g, temperature):
+    """(the loss / T², its float64 reference) of student logits `s` (any dtype; for the reference, a float64
+    tensor), teacher logits `t` and their probabilities `p`."""
+    if name == "dkd":
+        return losses.kd_dkd(s, p, g, temperature, 1.0, 8.0) / temperature**2, _ref_dkd(s, t, g, temperature).mean()
+    if name == "kl":
+        return losses.kd_kl(s, p, temperature) / temperature**2, _ref_kl(s, t, temperature).mean()
+    return losses.kd_dist(s, p, temperature) / temperature**2, _ref_dist(s, t, temperature)
+
+
+@pytest.mark.parametrize("num_classes,temperature,gap", EXTREME)
+def test_kd_losses_are_stable_on_extreme_logits(num_classes, temperature, gap):
+    s_bf, t_bf, g = _extreme_batch(num_classes, gap, seed=num_classes + int(gap))
+    assert s_bf.dtype == t_bf.dtype == torch.bfloat16
+    for name in ("dkd", "kl", "dist"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p = teacher_probs(t_bf, KDConfig(loss=name), temperature)
+        # DKD and KL row by row (an error is not averaged away); DIST's intra term needs the whole batch
+        for rows in [[i] for i in range(len(g))] if name != "dist" else [list(range(len(g)))]:
+            leaf = s_bf[rows].detach().requires_grad_(True)  # bf16, as a model's output under autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                value, _ = _loss_and_reference(name, leaf, t_bf[rows], p[rows], g[rows], temperature)
+            assert value.dtype == torch.float32
+            value.backward()
+            assert torch.isfinite(value) and torch.isfinite(leaf.grad).all(), (name, rows, value)
+            # value and gradient against float64 (a float32 leaf: a bf16 one would round its gradient to bf16)
+            s32 = s_bf[rows].float().requires_grad_(True)
+            s64 = s_bf[rows].double().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                value, _ = _loss_and_reference(name, s32, t_bf[rows], p[rows], g[rows], temperature)
+            _, ref = _loss_and_reference(name, s64, t_bf[rows].double(), p[rows], g[rows], temperature)
+            (value.backward(), ref.backward())
+            assert math.isclose(value.item(), ref.item(), rel_tol=REF_RTOL, abs_tol=REF_ATOL), (name, rows, value, ref)
+            assert torch.allclose(s32.grad.double(), s64.grad, rtol=REF_RTOL, atol=REF_ATOL), (name, rows)
+
+
+@pytest.mark.parametrize("num_classes,temperature,gap", [(2, 4.0, 40.0), (10, 1.0, 10.0), (10, 1.0, 15.0),
+                                                          (1000, 4.0, 60.0)])
+def test_dist_of_a_batch_confident_in_one_class(num_classes, temperature, gap):
+    """Every sample confident in class 0: its column's correlation across the batch lives in differences of
+    probabilities near 1 (old: 1.1e-3 relative error at K = 2, T = 4, gap 40; now ~1e-7)."""
+    gen = torch.Generator().manual_seed(0)
+    t, s = torch.randn(16, num_classes, generator=gen), torch.randn(16, num_classes, generator=gen)
+    t[:, 0] = t.max(1).values + gap + 2 * torch.rand(16, generator=gen)
+    s[:, 0] = s.max(1).values + gap + 2 * torch.rand(16, generator=gen)
+    s, t = s.bfloat16(), t.bfloat16()
+    leaf = s.float().requires_grad_(True)
+    value = losses.kd_dist(leaf, teacher_probs(t, KDConfig(loss="dist"), temperature), temperature) / temperature**2
+    value.backward()
+    s64 = s.double().requires_grad_(True)
+    ref = _ref_dist(s64, t, temperature)
+    ref.backward()
+    assert math.isclose(value.item(), ref.item(), rel_tol=REF_RTOL, abs_tol=REF_ATOL), (value, ref)
+    assert torch.allclose(leaf.grad.double(), s64.grad, rtol=REF_RTOL, atol=REF_ATOL)
+
+
+def test_dkd_for_a_confident_teacher_is_its_limit_not_nan():
+    """The issue's example (K = 10, T = 1, teacher logit gap 15 ... 18): 1 - p_g from float32 probabilities gave
+    wrong values, then NaN; the summed non-target mass gives the float64 value at every gap. With this student:
+    old 6.62 / 7.87 / NaN / NaN / NaN at gaps 15 / 16 / 17 / 18 / 30, float64 and now 8.6917 at every gap."""
+    student = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 1.5, -2.0, 0.25, 1.0]])
+    values, refs = [], []
+    for gap in (15.0, 16.0, 17.0, 18.0, 30.0):
+        t = torch.zeros(1, 10)
+        t[0, 0] = gap
+        value = losses.kd_dkd(student, torch.softmax(t, -1), torch.tensor([0]), 1.0)
+        assert torch.isfinite(value)
+        values.append(value.item())
+        refs.append(_ref_dkd(student, t, torch.tensor([0]), 1.0).item())
+    assert all(math.isclose(v, r, rel_tol=1e-5) for v, r in zip(values, refs, strict=True)), (values, refs)
+    # the gap only moves the tiny non-target mass: the loss is all but constant, at its one-hot limit
+    limit = -F.log_softmax(student, -1)[0, 0] + 8 * _ref_kl(student[:, 1:], torch.zeros(1, 9), 1.0)[0]
+    assert all(math.isclose(v, limit.item(), rel_tol=1e-4) for v in values), (values, limit)
+
+
+def test_dkd_of_a_one_hot_teacher_has_no_non_target_term():
+    s = torch.randn(4, 5)
+    p = F.one_hot(torch.tensor([0, 1, 2, 3]), 5).float()
+    value = losses.kd_dkd(s, p, torch.tensor([0, 1, 2, 3]), 1.0)
+    assert torch.isclose(value, -F.log_softmax(s, -1)[torch.arange(4), torch.arange(4)].mean())
+
+
+def test_dkd_target_class_follows_the_larger_mixed_weight():
+    """Mixed with sample B-1-i at own weight λ: the target class is the own label for λ ≥ 0.5, else the partner's;
+    an unlabeled chosen label falls back to the mixed teacher's argmax. Unmixed: the label, as before."""
+    from distill.mix import MixParams
+
+    gen = torch.Generator().manual_seed(3)
+    s, z = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen) * 3
+    kd = KDConfig(loss="dkd", weight=1.0)
+    labels = torch.tensor([0, 1, -1, 3])
+    for lam in (0.3, 0.7):
+        mix = MixParams(lam=lam)
+        target = mix_targets(teacher_probs(z, kd, 2.0), mix)
+        got = student_loss(s, labels, target, kd, 2.0, 6, 0.0, mix)["loss_kd"]
+        chosen = labels if lam >= 0.5 else labels.flip(0)  # lam 0.3: [3, -1, 1, 0]
+        expected_g = torch.where(chosen >= 0, chosen, target.argmax(-1))
+        assert torch.isclose(got, losses.kd_dkd(s, target, expected_g, 2.0, kd.dkd_alpha, kd.dkd_beta))
+        if lam < 0.5:
+            # sample 0 takes its partner's class 3; sample 1's partner is unlabeled: the mixed teacher's argmax
+            assert expected_g[0] == 3 and expected_g[1] == target[1].argmax() and expected_g[3] == 0
+            own = torch.where(labels >= 0, labels, target.argmax(-1))
+            assert not torch.isclose(got, losses.kd_dkd(s, target, own, 2.0, kd.dkd_alpha, kd.dkd_beta))
+    # unmixed: the label (teacher's argmax where unlabeled), unchanged
+    p = teacher_probs(z, kd, 2.0)
+    got = student_loss(s, labels, p, kd, 2.0, 6, 0.0, None)["loss_kd"]
+    assert torch.equal(got, losses.kd_dkd(s, p, torch.where(labels >= 0, labels, p.argmax(-1)), 2.0, 1.0, 8.0))
+    # kl, hard and dist never look at the class
+    for name in ("kl", "hard", "dist"):
+        kd = KDConfig(loss=name, weight=1.0)
+        target = mix_targets(teacher_probs(z, kd, 2.0), MixParams(lam=0.3))
+        direct = losses.KD_LOSSES[name].fn(s, target, labels, 2.0, kd)
+        assert torch.equal(student_loss(s, labels, target, kd, 2.0, 6, 0.0, MixParams(lam=0.3))["loss_kd"], direct)

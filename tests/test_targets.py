@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill import store
+from distill import losses, store
 from distill.data import Preprocess, load_splits, load_unlabeled
 from distill.errors import DistillError
+from distill.kd import teacher_probs
 from distill.models import load_model, sha256_file
-from distill.recipe import TargetsConfig, load_recipe
+from distill.recipe import KDConfig, TargetsConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -87,19 +88,138 @@ def test_render_crops_the_same_pixels_for_every_model():
         assert big.shape == (64, 64, 3) and big.dtype == np.uint8
 
 
-def test_topk_reconstruction_keeps_the_top_and_the_tail_mass():
-    z = torch.randn(50, 100) * 3
-    lse = z.logsumexp(-1)
-    for k in (5, 20, 100):
-        top = z.topk(k, -1)
-        rec = torch.from_numpy(store.reconstruct_topk(top.values.numpy(), top.indices.numpy(), lse.numpy(), 100))
-        p, q = z.softmax(-1), rec.softmax(-1)
-        assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-5)
-        assert torch.allclose(q.sum(-1), torch.ones(50), atol=1e-5)
-        kl = (p * (p.log() - q.log())).sum(-1)
-        assert (kl >= -1e-6).all()
-        if k == 100:
-            assert kl.abs().max() < 1e-5
+def tail_stats(z: torch.Tensor, k: int):
+    """(top-k, tail log-sum-exp, tail mean) of float32 logits [n, K], as the shard writer keeps them."""
+    top = z.topk(k, -1)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter(-1, top.indices, False)
+    lse = z.masked_fill(~tail, -float("inf")).logsumexp(-1)
+    mean = z.masked_fill(~tail, 0.0).sum(-1) / max(z.shape[1] - k, 1)
+    return top, lse, mean, tail
+
+
+def kl_at(p_logits, q_logits, t: float) -> torch.Tensor:
+    lp, lq = (torch.as_tensor(x).double().div(t).log_softmax(-1) for x in (p_logits, q_logits))
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def test_topk_reconstruction_keeps_the_top_and_the_tails_mass_and_mean():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 100, generator=gen) * 3
+    z[:100] += 12 * torch.nn.functional.one_hot(torch.randint(0, 100, (100,), generator=gen), 100)  # confident rows
+    full_kl = {}
+    for k in (1, 5, 20, 99, 100):
+        top, lse, mean, tail = tail_stats(z, k)
+        full_kl[k] = {}
+        for t in (1.0, 4.0):
+            rec = torch.from_numpy(store.reconstruct_topk(top.values.half().float().numpy(),
+                                                          top.indices.short().numpy(), lse.numpy(), mean.numpy(), 100, t))
+            assert torch.equal(rec.gather(1, top.indices), top.values.half().float())  # the kept logits, as stored
+            assert torch.equal(rec.argmax(-1), z.argmax(-1))  # no tail class rises above a kept one
+            assert (rec.masked_fill(~tail, -float("inf")).max(-1).values <= top.values.half().float()[:, -1]).all()
+            if k < 100:
+                rec_lse = rec.double().div(t).masked_fill(~tail, -float("inf")).logsumexp(-1)
+                true_lse = z.double().div(t).masked_fill(~tail, -float("inf")).logsumexp(-1)
+                if t == 1.0:  # the tail's mass is exact at T = 1 ...
+                    assert torch.allclose(rec_lse, lse.double(), rtol=0, atol=2e-5)
+                else:  # ... and close at T = 4: log of the mass within 0.2 (convexity bounds the interpolation)
+                    assert (rec_lse - true_lse).abs().max() < 0.2, (k, (rec_lse - true_lse).abs().max())
+            full_kl[k][t] = kl_at(z, rec, t)
+        assert all((kl >= -1e-9).all() for kl in full_kl[k].values())
+    assert full_kl[100][1.0].max() < 1e-5 and full_kl[100][4.0].max() < 1e-5  # everything kept: the logits
+    # a larger k is closer to the full distribution, at T = 1 and at T = 4 (measured on these logits: k = 20
+    # gives 0.055 and 0.10 nats, k = 99 below 1e-5)
+    for t in (1.0, 4.0):
+        means = [full_kl[k][t].mean().item() for k in (1, 5, 20, 99)]
+        assert means == sorted(means, reverse=True), (t, means)
+        assert means[2] < 0.2 and means[3] < 1e-4
+    print({k: {t: round(v.mean().item(), 4) for t, v in kl.items()} for k, kl in full_kl.items()})
+
+
+@pytest.mark.parametrize("true_tail", [1.9e-4, 5.4e-7])
+def test_a_small_tail_comes_back_with_its_mass(tmp_path, true_tail):
+    """The issue's examples: a confident 1000-class row, top-20 kept; the tail mass used to come back as 1e-12 (for
+    1.9e-4) or 2.8e-3 (for 5.4e-7) from float16 top values against the log-sum-exp of all K."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 1000, generator=gen)
+    z[:, :20] += torch.linspace(12, 8, 20)  # the kept top 20
+    z[:, 0] += 6.0
+    tail = torch.ones(4, 1000, dtype=torch.bool)
+    tail[:, :20] = False
+    # shift the tail so its true mass (over the float32 logits) is `true_tail`
+    mass = lambda x: (x.softmax(-1) * tail).sum(-1)
+    for _ in range(50):
+        m = mass(z).double()
+        z = z + tail * (torch.log(torch.tensor(true_tail, dtype=torch.float64) / m) -
+                        torch.log((1 - torch.tensor(true_tail, dtype=torch.float64)) / (1 - m))).float()[:, None]
+    assert torch.allclose(mass(z).double(), torch.full((4,), true_tail, dtype=torch.float64), rtol=1e-3)
+    reader = write_store(tmp_path, z, TargetsConfig(logits="topk", topk=20))
+    got = reader.rows(np.arange(4), np.zeros(4, np.int64))["logits"]
+    back = (torch.from_numpy(got).double().softmax(-1) * tail).sum(-1)
+    print(f"true tail {true_tail:.2e}: back {back.tolist()}")
+    assert torch.allclose(back, torch.full((4,), true_tail, dtype=torch.float64), rtol=0.03)
+
+
+def write_store(out: Path, logits: torch.Tensor, spec: TargetsConfig, version=None) -> "store.TargetStore":
+    """A complete one-view store of `logits` [n, K] (one row per sample), written by the exporter's shard writer."""
+    n, num_classes = logits.shape
+    spec_logits = store.logits_spec(spec, num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_shard(out, 0, 0, n, "test", {}, spec_logits, logits, torch.zeros(n, 5), torch.zeros(n))
+    info = json.loads((out / "shard-00000.json").read_text())
+    manifest = {"format": "distill-targets", "version": version or store.FORMAT_VERSION, "complete": True,
+                "fingerprint": "test", "num_samples": n, "num_labeled": n, "num_unlabeled": 0, "views": 0,
+                "rows_per_sample": 1, "center_view": 0, "shard_size": n, "num_classes": num_classes,
+                "classes": [str(c) for c in range(num_classes)], "logits": spec_logits,
+                "shards": [{"file": "shard-00000.safetensors", "first_sample": 0, "num_samples": n, "rows": n,
+                            "sha256": info["sha256"]}]}
+    (out / store.MANIFEST).write_text(json.dumps(manifest))
+    return store.TargetStore(out) if version is None else None
+
+
+def test_rows_carry_the_full_vectors_logit_mean_and_std(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(32, 50, generator=gen) * 4 + torch.randn(32, 1, generator=gen) * 10
+    z[:, 3] += 300.0  # float16 rounds large logits by up to 0.125
+    for storage in ("full", "topk"):
+        reader = write_store(tmp_path / storage, z, TargetsConfig(logits=storage, topk=5))
+        rows = reader.rows(np.arange(32), np.zeros(32, np.int64))
+        assert rows["logit_mean"].dtype == np.float32 and rows["logit_std"].dtype == np.float32
+        assert np.allclose(rows["logit_mean"], z.mean(-1).numpy(), rtol=1e-6, atol=1e-5)
+        assert np.allclose(rows["logit_std"], z.std(-1).numpy(), rtol=1e-6)
+        if storage == "full":  # what standardising the float16 row computed before, up to float16 rounding
+            row, rounding = torch.from_numpy(rows["logits"]), z.abs() * 2.0**-11  # float16: 11 significant bits
+            assert (np.abs(rows["logit_mean"] - row.mean(-1).numpy()) <= rounding.mean(-1).numpy() + 1e-6).all()
+            # |std(a) - std(b)| <= std-norm of a - b <= its largest element · sqrt(n / (n - 1))
+            assert (np.abs(rows["logit_std"] - row.std(-1).numpy()) <= rounding.max(-1).values.numpy() * 1.02).all()
+        assert reader.manifest["logits"]["row_stats"] == {"logit_mean": "float32", "logit_std": "float32"}
+    # kd.teacher_probs standardises a store batch with them: as the teacher's float32 vector, top-k or not
+    kd = KDConfig(loss="kl", standardize=True)
+    want = torch.softmax(losses.standardize(z) / 4.0, -1)
+    for storage in ("full", "topk"):
+        # read as a student at T = 4 with kd.standardize reads them (ReplayDataset): a top-k tail rebuilt for that
+        rows = store.TargetStore(tmp_path / storage).rows(np.arange(32), np.zeros(32, np.int64), 4.0, True)
+        batch = {key: torch.from_numpy(rows[key]) for key in ("logits", "logit_mean", "logit_std")}
+        got = teacher_probs(batch, kd, 4.0)
+        top = z.topk(5, -1).indices
+        assert torch.allclose(got.gather(1, top), want.gather(1, top), rtol=2e-3, atol=1e-6), storage
+    plain = teacher_probs(batch, KDConfig(loss="kl"), 4.0)  # without standardize: the stored logits at T
+    assert torch.allclose(plain, torch.softmax(batch["logits"] / 4.0, -1))
+
+
+def test_a_store_of_an_older_distill_is_refused_with_the_command_that_rebuilds_it(tmp_path, capsys):
+    write_store(tmp_path / "targets", torch.randn(4, 10), TargetsConfig(logits="full"), version=1)
+    with pytest.raises(DistillError, match=r"written by an older distill \(store format 1, this one reads 2.*"
+                                           r"distill teach <recipe.yaml> --export-only --rebuild-targets"):
+        store.TargetStore(tmp_path / "targets")
+    # the exporter says the same before exporting over it (unless told to rebuild)
+    with pytest.raises(DistillError, match="older distill"):
+        store.prepare_store(tmp_path / "targets", "another fingerprint", False, {})
+    from distill import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: targets:") and "older" in err, err
+    assert store.prepare_store(tmp_path / "targets", "another fingerprint", True, {}) == "fresh"
 
 
 def test_label_smoothing_signature():
@@ -133,7 +253,9 @@ def test_label_smoothing_signature():
 def test_store_layout_and_manifest(run_dir):
     m = json.loads((run_dir / "targets" / "manifest.json").read_text())
     assert m["complete"] and m["num_samples"] == 400 and m["views"] == 3 and m["rows_per_sample"] == 4
-    assert m["logits"] == {"storage": "full", "dtype": "float16"}
+    assert m["logits"] == {"storage": "full", "dtype": "float16",
+                           "row_stats": {"logit_mean": "float32", "logit_std": "float32"}}
+    assert m["version"] == store.FORMAT_VERSION == 2
     assert len(m["shards"]) == 7 and sum(s["num_samples"] for s in m["shards"]) == 400
     teacher_info = json.loads((run_dir / "teacher" / "model.json").read_text())
     assert m["teacher"]["sha256"] == teacher_info["sha256"]
@@ -181,10 +303,11 @@ def test_replay_dataset_gives_the_student_the_teachers_view(run_dir):
     for epoch in range(3):
         ds.set_epoch(epoch)
         seen.add(ds.view_of(5))
-        x, label, logits = ds[5]
+        x, label, cached = ds[5]
         row = reader.row(5, ds.view_of(5))
         assert x.shape == (3, 40, 40) and label == train.labels[5]
-        assert torch.equal(logits, torch.from_numpy(row["logits"]))
+        assert torch.equal(cached["logits"], torch.from_numpy(row["logits"]))
+        assert cached["logit_mean"].item() == row["logit_mean"] and cached["logit_std"].item() == row["logit_std"]
         expected = store.to_tensor(store.render(train.load(5), row["params"], 40, "bicubic"), student)
         assert torch.equal(x, expected)
     assert seen <= {0, 1, 2}  # random views only; the center view is for evaluation

@@ -1,6 +1,6 @@
 """The soft-target store: draw and render replayable views, export teacher logits to shards, read them memory-mapped.
 
-Layout of `targets/` (format version 1):
+Layout of `targets/` (format version 2; a store of another version is refused with the command that rebuilds it):
 
     manifest.json                  written last; `complete: true` only when every shard is in
     shard-00000.safetensors        rows of samples [first_sample, first_sample + num_samples)
@@ -11,11 +11,19 @@ drawn from a generator seeded by (seed, sample, view), so any process draws the 
 deterministic center view, row `views`. Row r of a shard is sample `first_sample + r // (views + 1)`,
 view `r % (views + 1)`. Tensors per shard:
 
-    params  float32 [rows, 5]   y0, x0, y1, x1 (normalised crop box), flip (0/1)
-    label   int64   [samples]   -1 for unlabeled images
-    logits  float16 [rows, K]   storage "full"; or, storage "topk":
-    topk_logits float16 [rows, k], topk_index int16/int32 [rows, k], lse float32 [rows] (log-sum-exp of
-    all K logits, so the tail mass 1 - Σ softmax over the top k is known)
+    params      float32 [rows, 5]   y0, x0, y1, x1 (normalised crop box), flip (0/1)
+    label       int64   [samples]   -1 for unlabeled images
+    logit_mean  float32 [rows]      mean of the K float32 logits  } what `kd.standardize` standardises with
+    logit_std   float32 [rows]      their std (unbiased)          }
+    logits      float16 [rows, K]   storage "full"; or, storage "topk":
+    topk_logits float16 [rows, k], topk_index int16/int32 [rows, k],
+    tail_lse    float32 [rows]      log-sum-exp of the K - k logits outside the top k (from the float32 logits:
+                                    the tail's mass at T = 1, exp(tail_lse - lse), however small)
+    tail_mean   float32 [rows]      their mean; with tail_lse it gives the tail's mass at any temperature
+
+All statistics are computed from the teacher's float32 logits, before rounding to float16. The reader rebuilds
+a top-k row's tail evenly, with the tail's mass at the student's temperature: exact at T = 1, interpolated
+between the tail's mean and its log-sum-exp at other T (`reader.reconstruct_topk`).
 
 Each model renders a view for itself: crop the box out of the original image, resize to its own input
 size, flip, normalise with its own mean/std; so the student sees the very pixels the teacher saw.

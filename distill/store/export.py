@@ -20,6 +20,7 @@ from distill.store.samples import Samples, dataset_fingerprint, fingerprint, log
 from distill.store.shards import (
     FORMAT_VERSION,
     MANIFEST,
+    check_version,
     damaged_shards,
     read_manifest,
     shard_complete,
@@ -54,6 +55,8 @@ def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
     if rebuild:
         shutil.rmtree(out)
         return "fresh"
+    if (out / MANIFEST).is_file():
+        check_version(out, read_manifest(out))  # a store of an older distill: say so, and how to rebuild it
     differs = _what_differs(out, what)
     raise DistillError(f"targets: {out} holds a store for {differs}; pass --rebuild-targets to replace it "
                        "(or point output_dir elsewhere)")

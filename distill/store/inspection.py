@@ -16,7 +16,10 @@ def summary(path) -> str:
         f"views        {m['views']} random + 1 center per sample = {rows} rows",
         f"classes      {m['num_classes']}",
         f"logits       {m['logits']['storage']} {m['logits']['dtype']}"
-        + (f", k={m['logits']['k']} + log-sum-exp" if m["logits"]["storage"] == "topk" else ""),
+        + (f", k={m['logits']['k']} + the tail's log-sum-exp and mean ({m['logits']['tail']['spread']} spread)"
+           if m["logits"]["storage"] == "topk" else "")
+        + ("; per row " + ", ".join(f"{c} {t}" for c, t in m["logits"]["row_stats"].items())
+           if "row_stats" in m["logits"] else ""),
         f"size         {size / 2**20:.2f} MiB in {len(m['shards'])} shard(s), {size / max(rows, 1):.1f} bytes/view",
         (f"teacher      {m['teacher'].get('model')} sha256 {m['teacher']['sha256'][:12]}…, "
          f"input {m['teacher'].get('input_size')} px, trained with label smoothing: "

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import DistillError
-from distill.store.shards import FORMAT_VERSION, MANIFEST, damaged_shards, read_manifest
+from distill.store.shards import MANIFEST, REBUILD, check_version, damaged_shards, read_manifest
 from distill.store.views import PARAM_COLUMNS
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
@@ -35,8 +35,10 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
 class TargetStore:
     """A complete store, memory-mapped: any (sample, view) row in constant time.
 
-    `rows(samples, views)` gives float32 logits [n, K] (top-k storage is reconstructed: the k kept
-    logits, the tail mass spread evenly over the other classes), the view parameters and labels.
+    `rows(samples, views)` gives float32 logits [n, K] (top-k storage is reconstructed by `reconstruct_topk`:
+    the k kept logits, the tail's exact mass and mean spread over the other classes), each row's logit mean and
+    std over all K classes of the teacher's float32 logits ("logit_mean", "logit_std", float32 [n]), the view
+    parameters and labels.
     """
 
     def __init__(self, path, allow_incomplete: bool = False):
@@ -48,9 +50,7 @@ class TargetStore:
         if not m.get("complete") and not allow_incomplete:
             raise DistillError(f"targets: the store at {self.path} is incomplete (an export was interrupted); "
                                "run teach.py --export-only to finish it")
-        if m.get("format") != "distill-targets" or m.get("version") != FORMAT_VERSION:
-            raise DistillError(f"targets: {self.path} is not a version-{FORMAT_VERSION} distill store; "
-                               "rebuild it with teach.py --export-only --rebuild-targets")
+        check_version(self.path, m)
         self.num_samples, self.views, self.num_classes = m["num_samples"], m["views"], m["num_classes"]
         self.rows_per_sample, self.shard_size = m["rows_per_sample"], m["shard_size"]
         self.storage = m["logits"]["storage"]
@@ -79,7 +79,11 @@ class TargetStore:
             self._shards[s] = _memmap_safetensors(self.path / self.manifest["shards"][s]["file"])
         return self._shards[s]
 
-    def rows(self, samples, views) -> dict[str, np.ndarray]:
+    def rows(self, samples, views, temperature: float = 1.0, standardized: bool = False) -> dict[str, np.ndarray]:
+        """The stored rows of (sample, view) pairs: "logits" [n, K] float32, "params", "label", "logit_mean",
+        "logit_std". A top-k row's tail is rebuilt for softmax(logits / `temperature`) (`reconstruct_topk`);
+        `standardized`: the logits will be standardised first, which makes each row's effective temperature
+        `temperature` · its logit std."""
         samples = np.atleast_1d(np.asarray(samples, dtype=np.int64))
         views = np.broadcast_to(np.asarray(views, dtype=np.int64), samples.shape)
         if samples.min(initial=0) < 0 or samples.max(initial=-1) >= self.num_samples:
@@ -90,22 +94,25 @@ class TargetStore:
         local = (samples - shard_of * self.shard_size) * self.rows_per_sample + views
         out = {"logits": np.empty((len(samples), self.num_classes), np.float32),
                "params": np.empty((len(samples), len(PARAM_COLUMNS)), np.float32),
-               "label": np.empty(len(samples), np.int64)}
+               "label": np.empty(len(samples), np.int64), "logit_mean": np.empty(len(samples), np.float32),
+               "logit_std": np.empty(len(samples), np.float32)}
         for s in np.unique(shard_of):
             pick = np.flatnonzero(shard_of == s)
             rows, shard = local[pick], self._shard(int(s))
             out["params"][pick] = shard["params"][rows]
             out["label"][pick] = shard["label"][(samples[pick] - s * self.shard_size)]
+            out["logit_mean"][pick], out["logit_std"][pick] = shard["logit_mean"][rows], shard["logit_std"][rows]
             if self.storage == "full":
                 out["logits"][pick] = shard["logits"][rows]
             else:
+                t = temperature * (shard["logit_std"][rows].astype(np.float64) + 1e-6 if standardized else 1.0)
                 out["logits"][pick] = reconstruct_topk(shard["topk_logits"][rows].astype(np.float32),
-                                                       shard["topk_index"][rows], shard["lse"][rows],
-                                                       self.num_classes)
+                                                       shard["topk_index"][rows], shard["tail_lse"][rows],
+                                                       shard["tail_mean"][rows], self.num_classes, t)
         return out
 
-    def row(self, sample: int, view: int) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.rows([sample], [view]).items()}
+    def row(self, sample: int, view: int, temperature: float = 1.0, standardized: bool = False) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.rows([sample], [view], temperature, standardized).items()}
 
     def check(self, expected: dict) -> None:
         """Refuse a store built for something else: `expected` maps manifest paths to the values the
@@ -117,7 +124,7 @@ class TargetStore:
             if have != want:
                 raise DistillError(f"targets: the store at {self.path} was built for another {key.split('.')[0]} "
                                    f"({key}: {_short(have)} there, {_short(want)} here); rebuild it with "
-                                   "teach.py --export-only --rebuild-targets")
+                                   f"{REBUILD}")
 
     def nbytes(self) -> int:
         return sum((self.path / s["file"]).stat().st_size for s in self.manifest["shards"])
@@ -128,12 +135,29 @@ def _short(value) -> str:
     return text[:16] + "…" if len(text) > 20 else text
 
 
-def reconstruct_topk(values: np.ndarray, index: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
-    """Full logits from the top k: kept logits exact; every other class gets log(tail / (K - k)) + lse,
-    where tail = 1 - Σ_topk exp(z_i - lse), so softmax at T = 1 has the true tail mass, spread evenly."""
-    k = values.shape[1]
-    kept = np.exp(values - lse[:, None]).sum(1)
-    tail = np.clip(1.0 - kept, 1e-12, None) / max(num_classes - k, 1)
-    out = np.repeat((np.log(tail) + lse)[:, None], num_classes, axis=1).astype(np.float32)
-    np.put_along_axis(out, index.astype(np.int64), values, axis=1)
+def reconstruct_topk(values: np.ndarray, index: np.ndarray, tail_lse: np.ndarray, tail_mean: np.ndarray,
+                     num_classes: int, temperature=1.0) -> np.ndarray:
+    """Full float32 logits [n, K] from the top k (`values` at `index`) and the tail's own log-sum-exp and mean,
+    made for softmax(· / `temperature`) (a float, or one per row).
+
+    The kept logits are exact. Which tail class is which is not stored, so the n = K - k tail classes share one
+    level c, the least informative spread, chosen so that the tail's mass at temperature T is right:
+    n · exp(c / T) = exp(f(1 / T)), with f(β) = log Σ_tail exp(β · z) the tail's log-sum-exp at inverse
+    temperature β. f is known at β = 0 (log n), its slope there (the tail's mean logit) and at β = 1 (the stored
+    `tail_lse`, from the float32 logits); f is convex, and between those points it is interpolated by the
+    quadratic through them: f(β) ≈ log n + mean · β + (tail_lse - log n - mean) · β². At T = 1 the tail mass is
+    exact; c lies between the tail's mean and its T = 1 level, so no tail class rises above a kept one.
+    benchmarks/export.py measures the error against the full distribution (KL at T = 1 and T = 4).
+    """
+    values = np.asarray(values, np.float32)
+    rows, k = values.shape
+    n = num_classes - k
+    out = np.empty((rows, num_classes), np.float32)
+    if n > 0:
+        lse, mean = np.asarray(tail_lse, np.float64), np.asarray(tail_mean, np.float64)
+        t = np.broadcast_to(np.asarray(temperature, np.float64), lse.shape)
+        beta = 1.0 / t
+        f = np.log(n) + mean * beta + np.maximum(lse - np.log(n) - mean, 0.0) * beta**2
+        out[:] = (t * (f - np.log(n)))[:, None]
+    np.put_along_axis(out, np.asarray(index).astype(np.int64), values, axis=1)
     return out

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from distill.data import Split
-from distill.store.shards import FORMAT_VERSION
+from distill.store.shards import FORMAT_VERSION, TAIL_SPREAD
 from distill.store.views import PARAM_COLUMNS
 
 
@@ -53,11 +53,15 @@ def logits_spec(spec, num_classes: int) -> dict:
     full = spec.logits == "full" or (spec.logits == "auto" and num_classes <= spec.full_max_classes)
     # out-of-fold targets are other logits of the same teacher: part of the spec, so of the store's fingerprint
     source = {"source": "out-of-fold"} if getattr(spec, "oof", False) else {}
+    # per row, of the float32 logits over all K classes: what `kd.standardize` standardises with
+    stats = {"row_stats": {"logit_mean": "float32", "logit_std": "float32"}}
     if full:
-        return {"storage": "full", "dtype": "float16", **source}
+        return {"storage": "full", "dtype": "float16", **stats, **source}
     k = min(spec.topk, num_classes)
+    # the tail (the K - k classes outside the top k): its own log-sum-exp and mean logit, from the float32 logits;
+    # the reader spreads it over the tail classes as `reader.TAIL_SPREAD` says
     return {"storage": "topk", "dtype": "float16", "k": k, "index_dtype": "int16" if num_classes < 2**15 else "int32",
-            "lse": "float32", **source}
+            "tail": {"tail_lse": "float32", "tail_mean": "float32", "spread": TAIL_SPREAD}, **stats, **source}
 
 
 def fingerprint(teacher_sha256: str, dataset: str, views: dict, logits: dict, shard_size: int) -> str:

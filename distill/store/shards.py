@@ -11,9 +11,13 @@ from distill.errors import DistillError
 from distill.models import sha256_file
 from distill.runs import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row logit mean/std; top-k keeps the tail's own log-sum-exp and mean
 MANIFEST = "manifest.json"
 FLOAT16_MAX = 65504.0
+# how the reader spreads a top-k tail over its classes (reader.reconstruct_topk), named in the manifest
+TAIL_SPREAD = "even, mass at T from log-sum-exp and mean"
+# the command that rebuilds a store from the saved teacher (no fine-tuning); `distill run` only finishes one
+REBUILD = "distill teach <recipe.yaml> --export-only --rebuild-targets"
 
 
 def shard_name(s: int) -> str:
@@ -36,14 +40,23 @@ def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, l
                 logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"params": params.float().contiguous(), "label": labels.long().contiguous()}
+    # every statistic comes from the float32 logits, before any rounding to float16 or cut to the top k
+    logits = logits.float()
+    tensors = {"params": params.float().contiguous(), "label": labels.long().contiguous(),
+               # what losses.standardize computes of a row (torch's unbiased std), of the whole float32 vector
+               "logit_mean": logits.mean(-1).contiguous(), "logit_std": logits.std(-1).contiguous()}
     if logit_spec["storage"] == "full":
         tensors["logits"] = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
     else:
         top = logits.topk(logit_spec["k"], dim=-1)
         tensors["topk_logits"] = top.values.clamp(-FLOAT16_MAX, FLOAT16_MAX).half().contiguous()
         tensors["topk_index"] = top.indices.to(getattr(torch, logit_spec["index_dtype"])).contiguous()
-        tensors["lse"] = logits.logsumexp(-1).float().contiguous()
+        # the tail's own statistics: its mass at T = 1 is exp(tail_lse - lse), known to float32 precision
+        # however small (1 - Σ top-k of float16 values loses it), and with its mean it fixes the spread
+        tail = torch.ones_like(logits, dtype=torch.bool).scatter(-1, top.indices, False)
+        tensors["tail_lse"] = logits.masked_fill(~tail, -float("inf")).logsumexp(-1).contiguous()
+        n_tail = max(logits.shape[-1] - logit_spec["k"], 1)
+        tensors["tail_mean"] = (logits.masked_fill(~tail, 0.0).sum(-1) / n_tail).contiguous()
     name = shard_name(s)
     tmp = out / f".{name}.safetensors.tmp"
     # one metadata key: safetensors writes several in hash order, and then equal shards would differ in bytes
@@ -67,4 +80,18 @@ def read_manifest(out: Path) -> dict:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise DistillError(f"{out / MANIFEST}: unreadable ({e}); rebuild the store with "
-                           "teach.py --export-only --rebuild-targets") from None
+                           f"{REBUILD}") from None
+
+
+def check_version(out: Path, manifest: dict) -> None:
+    """Refuse a store this distill cannot read: another format, or one written by an older (or newer) distill."""
+    if manifest.get("format") != "distill-targets":
+        raise DistillError(f"targets: {out} is not a distill store ({MANIFEST} has format "
+                           f"{manifest.get('format')!r}); rebuild it with {REBUILD}")
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        older = isinstance(version, int) and version < FORMAT_VERSION
+        raise DistillError(f"targets: the store at {out} was written by {'an older' if older else 'another'} distill "
+                           f"(store format {version}, this one reads {FORMAT_VERSION}"
+                           f"{': per-row logit mean/std and the top-k tail statistics are new' if older else ''}); "
+                           f"rebuild it from the saved teacher with {REBUILD}")
