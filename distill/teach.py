@@ -97,6 +97,9 @@ def main(argv=None):
     train_split, val_split = load_splits(recipe.data)
     unlabeled = load_unlabeled(recipe.data, train_split, val_split) if recipe.targets.export else None
     skipped = [*train_split.skipped, *val_split.skipped, *(unlabeled.skipped if unlabeled else [])]
+    if recipe.targets.export:  # before hours of fine-tuning: the store it ends with must fit on the disk
+        store.check_space(recipe.targets, len(train_split) + (len(unlabeled) if unlabeled else 0),
+                          len(train_split.classes), run_dir / "targets")
     if cfg.folds or cfg.ensemble_with:
         teach_ensemble(recipe, accelerator, train_split, val_split, args.resume, skipped)
     else:

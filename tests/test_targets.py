@@ -442,3 +442,30 @@ def test_unlabeled_images_come_after_the_labeled_ones():
     assert len(samples) == 450 and samples.num_labeled == 400
     assert (samples.labels[400:] == -1).all()
     assert samples.describe(420).startswith("fashion-mnist:train")  # exported: the SIGKILL test
+
+
+@pytest.mark.parametrize("storage", ["full", "topk"])
+def test_bytes_per_view_is_what_a_shard_holds(tmp_path, storage):
+    n, k = 512, 50
+    reader = write_store(tmp_path, torch.randn(n, k), TargetsConfig(logits=storage, topk=5))
+    per_view = store.bytes_per_view(reader.manifest["logits"], k)
+    size = (tmp_path / "shard-00000.safetensors").stat().st_size
+    # rows x bytes per view, plus the per-sample labels (int64) and the safetensors header
+    assert n * per_view + 8 * n <= size <= n * per_view + 8 * n + 4096
+
+
+def test_a_store_larger_than_the_free_disk_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from distill.recipe import DataConfig
+
+    train, _ = load_splits(DataConfig(source="digits"))
+    samples = store.Samples(train.subset(np.arange(64)))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(len(train.classes)))
+    pre = Preprocess(input_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear", crop_pct=1.0)
+    with pytest.raises(DistillError, match=r"targets: the store needs about .* MiB free; lower targets.views \(16\)"):
+        store.export(model, pre, samples, train.classes, TargetsConfig(views=16), 0, tmp_path / "targets",
+                     Accelerator(cpu=True), {"sha256": "x"}, progress=False)
+    assert not (tmp_path / "targets").exists()

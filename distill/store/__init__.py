@@ -37,7 +37,7 @@ from distill.data import Preprocess
 from distill.errors import DistillError
 from distill.models import sha256_file
 from distill.store.diagnostics import diagnostics
-from distill.store.export import export, prepare_store, teacher_record
+from distill.store.export import bytes_per_view, check_space, export, prepare_store, teacher_record
 from distill.store.inspection import summary
 from distill.store.reader import TargetStore, reconstruct_topk
 from distill.store.replay import ReplayDataset
@@ -57,7 +57,9 @@ __all__ = [
     "ReplayDataset",
     "Samples",
     "TargetStore",
+    "bytes_per_view",
     "center_view",
+    "check_space",
     "damaged_shards",
     "dataset_fingerprint",
     "diagnostics",

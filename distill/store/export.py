@@ -62,6 +62,38 @@ def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
                        "(or point output_dir elsewhere)")
 
 
+def bytes_per_view(logit_spec: dict, num_classes: int) -> int:
+    """A stored row's bytes: its view parameters (5 float32), the row's logit mean and std (float32 each), and its
+    logits (float16, all K or the top k with their indices and the tail's log-sum-exp and mean)."""
+    if logit_spec["storage"] == "full":
+        logits = 2 * num_classes
+    else:
+        logits = logit_spec["k"] * (2 + (2 if logit_spec["index_dtype"] == "int16" else 4)) + 8
+    return 5 * 4 + 8 + logits
+
+
+def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int | None = None) -> str:
+    """The store's size, as one line to print; a DistillError when the `rows` still to write (all of them by
+    default) do not fit on the disk that holds `out`. teach.py asks before fine-tuning, export before writing."""
+    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes)
+    total = num_samples * (spec.views + 1)
+    rows = total if rows is None else rows
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if rows * per_view * 1.05 + 2**20 > free:  # shard headers, sidecars and the manifest on top
+        raise DistillError(f"targets: the store needs about {rows * per_view / 2**20:.0f} MiB and {_existing_parent(out)} "
+                           f"has {free / 2**20:.0f} MiB free; lower targets.views ({spec.views}), keep top-k logits "
+                           "(targets.logits: topk), or free some space")
+    return (f"targets: {num_samples} samples x {spec.views + 1} views at {per_view} bytes per view: "
+            f"{total * per_view / 2**20:.1f} MiB in all, {rows * per_view / 2**20:.1f} MiB to write "
+            f"({free / 2**30:.1f} GiB free)")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _store_fingerprint(out: Path) -> str | None:
     if (out / MANIFEST).is_file():
         return read_manifest(out).get("fingerprint")
@@ -103,13 +135,15 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
     if state == "done":
         accelerator.print(f"targets: {out} is complete and matches the teacher; nothing to export")
         return read_manifest(out)
+    num_shards = math.ceil(len(samples) / spec.shard_size)
+    missing = [s for s in range(num_shards) if not shard_complete(out, s, fp)]
+    rows = sum(min(len(samples), (s + 1) * spec.shard_size) - s * spec.shard_size for s in missing) * (spec.views + 1)
+    accelerator.print(check_space(spec, len(samples), num_classes, out, rows))
     out.mkdir(parents=True, exist_ok=True)
 
     # The teacher, frozen in this one place: eval mode, no gradients, inference mode below.
     model.eval().requires_grad_(False)
-    num_shards = math.ceil(len(samples) / spec.shard_size)
-    mine = [s for s in range(num_shards) if s % accelerator.num_processes == accelerator.process_index
-            and not shard_complete(out, s, fp)]
+    mine = [s for s in missing if s % accelerator.num_processes == accelerator.process_index]
     todo = sum(min(len(samples), (s + 1) * spec.shard_size) - s * spec.shard_size for s in mine)
     bar = tqdm(total=todo * (spec.views + 1), desc="targets", unit="view", leave=False,
                disable=None if progress and accelerator.is_local_main_process else True)
