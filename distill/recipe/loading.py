@@ -137,6 +137,9 @@ def _check_recipe(recipe: Recipe) -> None:
         if not 0 < lo <= hi or (key == "scale" and hi > 1):
             raise DistillError(f"targets.{key}: expected [low, high] with 0 < low <= high"
                                f"{' <= 1' if key == 'scale' else ''}, got {[lo, hi]}")
+    if t.augment:
+        from distill.store.augment import check_augment  # the store's registry (imported only when used)
+        check_augment(t.augment, "targets.augment")
     for section in ("train", "eval"):
         for j, t in enumerate(getattr(recipe.teacher.augment, section) or []):
             if not isinstance(t.get("name"), str):

@@ -209,6 +209,10 @@ class TargetsConfig:
     # with teacher.folds: a labeled image's targets come from the fold teacher that held it out (never from a
     # model trained on its label); unlabeled images get the fold ensemble's
     oof: bool = False
+    # replayable augmentation of the random views, after crop/resize/flip, in list order: specs written like
+    # teacher.augment.train entries, drawn per view from a stored seed in units that hold at every resolution
+    # (distill.store.augment.REPLAYABLE names the transforms); [] = crop box and flip only
+    augment: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ deterministic center view, row `views`. Row r of a shard is sample `first_sample
 view `r % (views + 1)`. Tensors per shard:
 
     params      float32 [rows, 5]   y0, x0, y1, x1 (normalised crop box), flip (0/1)
+    seed        int64   [rows]      only with `targets.augment`: the view's augmentation seed, drawn from (seed,
+                                    sample, view); -1 (none) for the center view. The manifest's view_spec then
+                                    holds `augment` (the specs, defaults filled in) and `seed_column: "seed"`
     label       int64   [samples]   -1 for unlabeled images
     logit_mean  float32 [rows]      mean of the K float32 logits  } what `kd.standardize` standardises with
     logit_std   float32 [rows]      their std (unbiased)          }
@@ -26,9 +29,10 @@ a top-k row's tail evenly, with the tail's mass at the student's temperature: ex
 between the tail's mean and its log-sum-exp at other T (`reader.reconstruct_topk`).
 
 Each model renders a view for itself: crop the box out of the original image, resize to its own input
-size, flip, normalise with its own mean/std; so the student sees the very pixels the teacher saw.
+size, flip, then the view's `targets.augment` transforms with parameters drawn from its seed in units that hold at
+any size (augment.py), normalise with its own mean/std; so the student sees the very pixels the teacher saw.
 
-Modules: views (drawing and rendering views, the teacher's view dataset), samples (the samples in order and
+Modules: views (drawing and rendering views, the teacher's view dataset), augment (the replayable transforms), samples (the samples in order and
 the fingerprints), shards (the files: shards, sidecars, manifest), export (the teacher's pass that writes a
 store), reader (TargetStore, memory-mapped), diagnostics (the teacher on its own views), replay (the student's
 dataset), inspection (`distill inspect`).

@@ -62,20 +62,21 @@ def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
                        "(or point output_dir elsewhere)")
 
 
-def bytes_per_view(logit_spec: dict, num_classes: int) -> int:
-    """A stored row's bytes: its view parameters (5 float32), the row's logit mean and std (float32 each), and its
-    logits (float16, all K or the top k with their indices and the tail's log-sum-exp and mean)."""
+def bytes_per_view(logit_spec: dict, num_classes: int, augmented: bool = False) -> int:
+    """A stored row's bytes: its view parameters (5 float32), with `targets.augment` its seed (int64), the row's
+    logit mean and std (float32 each), and its logits (float16, all K or the top k with their indices and the
+    tail's log-sum-exp and mean)."""
     if logit_spec["storage"] == "full":
         logits = 2 * num_classes
     else:
         logits = logit_spec["k"] * (2 + (2 if logit_spec["index_dtype"] == "int16" else 4)) + 8
-    return 5 * 4 + 8 + logits
+    return 5 * 4 + (8 if augmented else 0) + 8 + logits
 
 
 def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int | None = None) -> str:
     """The store's size, as one line to print; a DistillError when the `rows` still to write (all of them by
     default) do not fit on the disk that holds `out`. teach.py asks before fine-tuning, export before writing."""
-    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes)
+    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)))
     total = num_samples * (spec.views + 1)
     rows = total if rows is None else rows
     free = shutil.disk_usage(_existing_parent(out)).free
@@ -152,9 +153,9 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
         first, last = s * spec.shard_size, min(len(samples), (s + 1) * spec.shard_size)
         loader = DataLoader(TeacherViews(samples, spec, seed, pre, first, last), batch_size=spec.batch_size,
                             num_workers=num_workers)
-        parts = {"params": [], "label": [], "logits": []}
+        parts = {"params": [], "seed": [], "label": [], "logits": []}
         sample = first
-        for x, params, labels in loader:
+        for x, params, seeds, labels in loader:
             t0 = time.perf_counter()
             # channels-last: a DataLoader worker hands over NCHW copies, on which oneDNN's depthwise
             # convolutions (EfficientNet, MobileNet teachers) run ~3x slower (benchmarks/export.py)
@@ -167,10 +168,12 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
             parts["logits"].append(z.float().cpu())  # float32 before any rounding, top-k or log-sum-exp
             forward_seconds += time.perf_counter() - t0
             parts["params"].append(params.flatten(0, 1))
+            parts["seed"].append(seeds.flatten())
             parts["label"].append(labels)
             bar.update(len(params.flatten(0, 1)))
         write_shard(out, s, first, last, fp, what, logit_spec,
-                    torch.cat(parts["logits"]), torch.cat(parts["params"]), torch.cat(parts["label"]))
+                    torch.cat(parts["logits"]), torch.cat(parts["params"]), torch.cat(parts["label"]),
+                    torch.cat(parts["seed"]) if getattr(spec, "augment", None) else None)
     bar.close()
     seconds = time.perf_counter() - start
     rows_done = todo * (spec.views + 1)

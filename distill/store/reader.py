@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import DistillError
+from distill.store.augment import NO_AUGMENT
 from distill.store.shards import MANIFEST, REBUILD, check_version, damaged_shards, read_manifest
 from distill.store.views import PARAM_COLUMNS
 
@@ -80,8 +81,8 @@ class TargetStore:
         return self._shards[s]
 
     def rows(self, samples, views, temperature: float = 1.0, standardized: bool = False) -> dict[str, np.ndarray]:
-        """The stored rows of (sample, view) pairs: "logits" [n, K] float32, "params", "label", "logit_mean",
-        "logit_std". A top-k row's tail is rebuilt for softmax(logits / `temperature`) (`reconstruct_topk`);
+        """The stored rows of (sample, view) pairs: "logits" [n, K] float32, "params", "seed" (augmentation; -1:
+        none), "label", "logit_mean", "logit_std". A top-k row's tail is rebuilt for softmax(logits / `temperature`) (`reconstruct_topk`);
         `standardized`: the logits will be standardised first, which makes each row's effective temperature
         `temperature` · its logit std."""
         samples = np.atleast_1d(np.asarray(samples, dtype=np.int64))
@@ -95,11 +96,14 @@ class TargetStore:
         out = {"logits": np.empty((len(samples), self.num_classes), np.float32),
                "params": np.empty((len(samples), len(PARAM_COLUMNS)), np.float32),
                "label": np.empty(len(samples), np.int64), "logit_mean": np.empty(len(samples), np.float32),
-               "logit_std": np.empty(len(samples), np.float32)}
+               "logit_std": np.empty(len(samples), np.float32),
+               "seed": np.full(len(samples), NO_AUGMENT, np.int64)}
         for s in np.unique(shard_of):
             pick = np.flatnonzero(shard_of == s)
             rows, shard = local[pick], self._shard(int(s))
             out["params"][pick] = shard["params"][rows]
+            if "seed" in shard:  # targets.augment: the row's augmentation seed
+                out["seed"][pick] = shard["seed"][rows]
             out["label"][pick] = shard["label"][(samples[pick] - s * self.shard_size)]
             out["logit_mean"][pick], out["logit_std"][pick] = shard["logit_mean"][rows], shard["logit_std"][rows]
             if self.storage == "full":

@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from distill.data import Preprocess
 from distill.errors import DistillError
+from distill.store.augment import augment, check_augment
 from distill.store.reader import TargetStore
 from distill.store.samples import Samples
 from distill.store.shards import REBUILD
@@ -37,6 +38,8 @@ class ReplayDataset(Dataset):
         # tail so that its mass is right at that temperature
         self.temperature, self.standardized = temperature, standardized
         self.epoch = 0
+        # the store's own augmentation (targets.augment when it was exported), replayed from each row's seed
+        self.augment = check_augment(store.manifest["view_spec"].get("augment"), "the store's view_spec.augment")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,10 +55,14 @@ class ReplayDataset(Dataset):
     def __getitem__(self, i: int):
         row = self.store.row(i, self.view_of(i), self.temperature, self.standardized)
         image = self.samples.load(i)
-        pixels = render(image, row["params"], self.pre.input_size, self.pre.interpolation)
+        pixels = self.render(image, row, self.pre)
         cached = {key: torch.from_numpy(np.asarray(row[key])) for key in ("logits", "logit_mean", "logit_std")}
         item = (to_tensor(pixels, self.pre), int(row["label"]), cached)
         if self.teacher_pre is not None:
             t = self.teacher_pre
-            item += (to_tensor(render(image, row["params"], t.input_size, t.interpolation), t),)
+            item += (to_tensor(self.render(image, row, t), t),)
         return item
+
+    def render(self, image: np.ndarray, row: dict, pre: Preprocess) -> np.ndarray:
+        """The row's view at this model's size: crop, resize, flip, then the replayed augmentation."""
+        return augment(render(image, row["params"], pre.input_size, pre.interpolation), self.augment, int(row["seed"]))

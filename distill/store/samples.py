@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from distill.data import Split
+from distill.store.augment import check_augment
 from distill.store.shards import FORMAT_VERSION, TAIL_SPREAD
 from distill.store.views import PARAM_COLUMNS
 
@@ -44,9 +45,15 @@ def dataset_fingerprint(samples: Samples, classes: list[str]) -> str:
 
 
 def view_spec(spec, seed: int) -> dict:
-    return {"sampler": "rrc-flip-v1", "columns": list(PARAM_COLUMNS), "views": spec.views, "seed": seed,
-            "scale": list(spec.scale), "ratio": list(spec.ratio), "hflip": spec.hflip,
-            "center_crop_pct": spec.center_crop_pct}
+    views = {"sampler": "rrc-flip-v1", "columns": list(PARAM_COLUMNS), "views": spec.views, "seed": seed,
+             "scale": list(spec.scale), "ratio": list(spec.ratio), "hflip": spec.hflip,
+             "center_crop_pct": spec.center_crop_pct}
+    augment = check_augment(getattr(spec, "augment", None))
+    if augment:
+        # the replayed augmentation, defaults filled in, and the per-row seed column it is drawn from; without it
+        # the spec (so the fingerprint) stays what it was
+        views.update(augment=augment, augment_sampler="replay-v1", seed_column="seed")
+    return views
 
 
 def logits_spec(spec, num_classes: int) -> dict:

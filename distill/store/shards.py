@@ -37,7 +37,8 @@ def shard_complete(out: Path, s: int, fp: str) -> bool:
 
 
 def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, logit_spec: dict,
-                logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor) -> None:
+                logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None = None
+                ) -> None:
     from safetensors.torch import save_file
 
     # every statistic comes from the float32 logits, before any rounding to float16 or cut to the top k
@@ -45,6 +46,8 @@ def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, l
     tensors = {"params": params.float().contiguous(), "label": labels.long().contiguous(),
                # what losses.standardize computes of a row (torch's unbiased std), of the whole float32 vector
                "logit_mean": logits.mean(-1).contiguous(), "logit_std": logits.std(-1).contiguous()}
+    if seeds is not None:  # targets.augment: each row's augmentation seed (-1: none); a store without it has no column
+        tensors["seed"] = seeds.long().contiguous()
     if logit_spec["storage"] == "full":
         tensors["logits"] = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
     else:

@@ -1,4 +1,5 @@
-"""Views of a sample: draw a view's crop box and flip, render its pixels for any model, the teacher's view dataset."""
+"""Views of a sample: draw a view's crop box, flip and augmentation seed, render its pixels for any model, the teacher's
+view dataset."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import INTERPOLATIONS, Preprocess
+from distill.store.augment import NO_AUGMENT, augment, check_augment, view_seed
 
 if TYPE_CHECKING:
     from distill.store.samples import Samples
@@ -67,6 +69,14 @@ def view_params(spec, seed: int, sample: int, height: int, width: int) -> np.nda
     return np.stack(rows + [center_view(spec, height, width)])
 
 
+def view_seeds(spec, seed: int, sample: int) -> np.ndarray:
+    """Each row's augmentation seed (`targets.augment`): drawn from (seed, sample, view) for the random views,
+    NO_AUGMENT for the center view and for every view when there is no augmentation. int64 [views + 1]"""
+    replayed = bool(getattr(spec, "augment", None))
+    return np.array([view_seed(seed, sample, v) if replayed else NO_AUGMENT for v in range(spec.views)]
+                    + [NO_AUGMENT], dtype=np.int64)
+
+
 def render(image: np.ndarray, params: np.ndarray, size: int, interpolation: str) -> np.ndarray:
     """The view's pixels for a model of input `size`: crop the box, resize, flip. uint8 [size, size, 3]."""
     height, width = image.shape[:2]
@@ -92,11 +102,13 @@ def to_tensor(images: np.ndarray, pre: Preprocess) -> torch.Tensor:
 
 
 class TeacherViews(Dataset):
-    """Sample i → its views as the teacher sees them [V + 1, 3, S, S], their parameters, its label."""
+    """Sample i → its views as the teacher sees them [V + 1, 3, S, S], their parameters, their augmentation
+    seeds, its label."""
 
     def __init__(self, samples: Samples, spec, seed: int, pre: Preprocess, first: int, last: int):
         self.samples, self.spec, self.seed, self.pre = samples, spec, seed, pre
         self.first, self.last = first, last
+        self.augment = check_augment(getattr(spec, "augment", None))
 
     def __len__(self) -> int:
         return self.last - self.first
@@ -105,5 +117,8 @@ class TeacherViews(Dataset):
         i = self.first + j
         image = self.samples.load(i)
         params = view_params(self.spec, self.seed, i, *image.shape[:2])
-        pixels = np.stack([render(image, p, self.pre.input_size, self.pre.interpolation) for p in params])
-        return to_tensor(pixels, self.pre), torch.from_numpy(params), int(self.samples.labels[i])
+        seeds = view_seeds(self.spec, self.seed, i)
+        pixels = np.stack([augment(render(image, p, self.pre.input_size, self.pre.interpolation), self.augment, s)
+                           for p, s in zip(params, seeds)])
+        label = int(self.samples.labels[i])
+        return to_tensor(pixels, self.pre), torch.from_numpy(params), torch.from_numpy(seeds), label
