@@ -28,12 +28,17 @@ def summary(path) -> str:
          f"hflip {m['view_spec']['hflip']}, center crop {m['view_spec']['center_crop_pct']}, "
          f"seed {m['view_spec']['seed']}"),
     ]
+    if m["view_spec"].get("augment"):  # targets.augment, replayed from each view's seed
+        lines.append("augment      " + ", ".join(
+            a["name"] + "(" + ", ".join(f"{k}={v}" for k, v in a.items() if k != "name") + ")"
+            for a in m["view_spec"]["augment"]))
     if d:
         lines += [
             f"teacher top1 {d['top1_views']:.4f} on random views, {d['top1_center']:.4f} on center views",
             f"confidence   mean max-prob {_fmt(d['mean_max_prob'])}, p99 {d['max_prob_p99']:.4f}",
-            (f"LS signature implied alpha {d['implied_alpha']:.3f}, non-target uniformity "
-             f"{_fmt(d['nontarget_uniformity'])} -> label smoothing suspected: {d['label_smoothing_suspected']}"),
+            (f"LS signature implied alpha {d['implied_alpha']:.3f}, pile-up under the ceiling "
+             f"{_fmt(d.get('ceiling_pileup'))}, non-target uniformity {_fmt(d['nontarget_uniformity'])} -> "
+             f"label smoothing suspected: {d['label_smoothing_suspected']}"),
         ]
     if m.get("export"):
         e = m["export"]
