@@ -192,7 +192,9 @@ class TargetsConfig:
     """The soft-target store teach.py exports: V augmented views + 1 center view per training image."""
 
     export: bool = True  # export after fine-tuning (teach.py --export-only exports a saved teacher)
-    views: int = field(default=4, metadata=_at_least(1, 1024))
+    # patient distillation wants many views per image (a student's epochs cycle through them); the export prints
+    # the store's size first and refuses one the disk cannot hold
+    views: int = field(default=16, metadata=_at_least(1, 1024))
     # the student's random-resized-crop and flip, drawn once per (sample, view) and stored
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
