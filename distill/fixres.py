@@ -16,12 +16,11 @@ if __name__ == "__main__" and not __package__:
     # `python distill/fixres.py`: import the package, not the sibling files as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import numpy as np
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import Subset
 
-from distill import losses, training
+from distill import training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import DistillError, exit_on_error
@@ -30,10 +29,10 @@ from distill.kd import (
     batch_target,
     check_kd,
     chosen_students,
+    class_balance,
     fixres_fingerprint,
     online_teacher,
     open_store,
-    sample_classes,
     student_accelerator,
     student_loss,
 )
@@ -131,12 +130,10 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
     batch_size = fx.batch_size or cfg.batch_size
     imb = cfg.imbalance  # the student's own: its sampler, class weights and focal γ carry into this stage
+    balance_classes, weights = class_balance(store, samples, len(train_ds), imb, num_classes)
     train_loader = make_loader(train_ds, batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               seed=seed, balance=imb.sampler,
-                               classes=sample_classes(store, samples, len(train_ds)) if imb.sampler != "none" else None)
+                               seed=seed, balance=imb.sampler, classes=balance_classes)
     sampler = train_loader.sampler
-    counts = np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes)  # labeled images only
-    weights = losses.class_weights(counts, imb.class_weights, imb.effective_beta)
     val_loaders = {res: make_loader(ImageDataset(val_split, build_transform(None, "eval", p, where=f"{where}.eval")),
                                     cfg.eval_batch_size or batch_size, recipe, train=False,
                                     world_size=accelerator.num_processes)

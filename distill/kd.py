@@ -94,6 +94,15 @@ def sample_classes(store, samples, n: int) -> np.ndarray:
     return classes
 
 
+def class_balance(store, samples, n: int, imb, num_classes: int):
+    """A student's `imbalance` settings made concrete (training and FixRes alike): the class of each of the first
+    `n` store samples for the balanced sampler (None without one), and the label term's class weights, counted
+    on the labeled images only."""
+    classes = sample_classes(store, samples, n) if imb.sampler != "none" else None
+    counts = np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes)
+    return classes, losses.class_weights(counts, imb.class_weights, imb.effective_beta)
+
+
 def teacher_probs(logits, kd, temperature: float) -> torch.Tensor:
     """What the student matches, before mixing: softmax(t / T) (of standardised t), or one-hot argmax for a
     loss that is not `soft` (hard).

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 from torch.utils.data import Subset
 
-from distill import fixres, losses, policy, training
+from distill import fixres, policy, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import exit_on_error
@@ -30,9 +30,9 @@ from distill.kd import (
     batch_target,
     check_kd,
     chosen_students,
+    class_balance,
     online_teacher,
     open_store,
-    sample_classes,
     student_accelerator,
     student_fingerprint,
     student_loss,
@@ -97,12 +97,10 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
     val_ds = ImageDataset(val_split, build_transform(None, "eval", pre, where=f"{where}.eval"))
     imb = cfg.imbalance
+    balance_classes, weights = class_balance(store, samples, len(train_ds), imb, num_classes)
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               seed=seed, balance=imb.sampler,
-                               classes=sample_classes(store, samples, len(train_ds)) if imb.sampler != "none" else None)
+                               seed=seed, balance=imb.sampler, classes=balance_classes)
     sampler = train_loader.sampler
-    counts = np.bincount(samples.labels[:samples.num_labeled], minlength=num_classes)  # labeled images only
-    weights = losses.class_weights(counts, imb.class_weights, imb.effective_beta)
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
 

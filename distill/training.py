@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from distill.checkpoint import Checkpoints, Progress, StopSignal, epoch_batches, planned_stop
 from distill.errors import DistillError
+from distill.record import SCORES
 
-SCORES = ("top1", "top5", "macro_f1", "nll", "ece")
 LOWER_IS_BETTER = {"nll", "ece"}
 
 

@@ -79,9 +79,10 @@ def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int |
     per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)))
     total = num_samples * (spec.views + 1)
     rows = total if rows is None else rows
-    free = shutil.disk_usage(_existing_parent(out)).free
+    disk = _existing_parent(out)
+    free = shutil.disk_usage(disk).free
     if rows * per_view * 1.05 + 2**20 > free:  # shard headers, sidecars and the manifest on top
-        raise DistillError(f"targets: the store needs about {rows * per_view / 2**20:.0f} MiB and {_existing_parent(out)} "
+        raise DistillError(f"targets: the store needs about {rows * per_view / 2**20:.0f} MiB and {disk} "
                            f"has {free / 2**20:.0f} MiB free; lower targets.views ({spec.views}), keep top-k logits "
                            "(targets.logits: topk), or free some space")
     return (f"targets: {num_samples} samples x {spec.views + 1} views at {per_view} bytes per view: "
