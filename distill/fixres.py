@@ -72,7 +72,7 @@ def main(argv=None):
         raise DistillError("fixres: none of the chosen students has a `fixres:` section")
     accelerator = student_accelerator(recipe, students)
     store, samples, val_split, classes = open_store(recipe, accelerator)
-    check_kd(recipe, students, len(classes))
+    check_kd(recipe, students, len(classes), store)
     for student in students:
         fixres_student(recipe, student, recipe.students.index(student), store, samples, val_split, classes,
                        accelerator, args.resume)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from distill import losses
 from distill.data import load_splits, load_unlabeled
 from distill.errors import DistillError
-from distill.mix import mix_images, mix_targets, rescale
+from distill.mix import mix_enabled, mix_images, mix_targets, rescale
 from distill.models import check_model_name, load_model
 from distill.runs import stage_fingerprint
 from distill.store import Samples, TargetStore, dataset_fingerprint
@@ -53,10 +53,15 @@ def chosen_students(recipe, names: list[str] | None) -> list:
     return students
 
 
-def check_kd(recipe, students, num_classes: int) -> None:
-    """What the recipe alone cannot check, once the class count is known: refuse it before anything trains."""
+def check_kd(recipe, students, num_classes: int, store=None) -> None:
+    """What the recipe alone cannot check, once the class count (and the store) is known: refuse it before
+    anything trains."""
     for student in students:
         kd, i = student.kd, recipe.students.index(student)
+        if store is not None and store.mixed and mix_enabled(student.mix):
+            raise DistillError(f"students.{i}.mix: the store at {store.path} mixes its views already (targets.mix); "
+                               f"mixing the batch again would mix twice: leave students.{i}.mix out, or export a "
+                               "store without targets.mix for in-batch mixing")
         if kd.standardize and kd.loss != "none" and num_classes == 2:
             # (z - mean) / std of two logits is always (+1/√2, -1/√2): the student's standardised logits are
             # constant, and so the KD term gives it no gradient at all
@@ -125,12 +130,14 @@ def teacher_probs(logits, kd, temperature: float) -> torch.Tensor:
 
 
 def batch_target(batch, mix, teacher, kd, temperature: float, accelerator) -> tuple[torch.Tensor | None, float | None]:
-    """(KD target, cached-mixing error) of a (student image, label, cached logits[, teacher image]) batch mixed
-    by `mix`.
+    """(KD target, cached-target error) of a (student image, label, cached logits[, teacher image]) batch mixed
+    by `mix` (in-batch mixing; None when the batch is not mixed, or the store mixes its views itself).
 
-    The target is None for the baseline. Online: the teacher's output on the very (mixed) image, exact; then,
-    when the batch is mixed, the error is the KL from it to the cached approximation (else None). Cached: the
-    stored logits at temperature T, mixed in probability space with the same λ.
+    The target is None for the baseline. Online: the teacher's output on the very (mixed) image, exact; then the
+    error is the KL from it to what a cached student would have used on the batch's mixed samples: the in-batch
+    mixture of the cached targets (an approximation), or the stored output on the store's mixed view (exact up to
+    float16 rounding); None when nothing is mixed. Cached: the stored logits at temperature T, mixed in
+    probability space with the same λ when the batch is mixed in-batch.
     """
     if kd.loss == "none":
         return None, None
@@ -141,14 +148,16 @@ def batch_target(batch, mix, teacher, kd, temperature: float, accelerator) -> tu
     with torch.inference_mode(), accelerator.autocast():
         target = teacher_probs(teacher(xt).float(), kd, temperature)
     target = target.clone()  # leave inference mode: the loss needs a normal tensor
-    if mix is None:
+    mixed = torch.ones(len(target), dtype=torch.bool, device=target.device) if mix is not None else \
+        cached["lam"] < 1 if isinstance(cached, dict) and "lam" in cached else None
+    if mixed is None or not mixed.any():
         return target, None
-    approx = mix_targets(teacher_probs(cached, kd, temperature), mix)  # how far the cached mixing is from the truth
-    return target, F.kl_div(approx.clamp_min(1e-12).log(), target, reduction="batchmean").item()
+    approx = mix_targets(teacher_probs(cached, kd, temperature), mix)  # what a cached student learns from
+    return target, F.kl_div(approx[mixed].clamp_min(1e-12).log(), target[mixed], reduction="batchmean").item()
 
 
 def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smoothing, mix, weights=None,
-                 gamma=0.0) -> dict:
+                 gamma=0.0, pair=None) -> dict:
     """(1 - w) · CE(smoothed, mixed labels) + w · KD(student, teacher probabilities); named parts.
 
     KD is `losses.KD_LOSSES[kd.loss]`. The CE term takes the class weights and focal γ of `imbalance`
@@ -156,6 +165,9 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
     whose class balance is the teacher's. Unlabeled samples (label -1), and samples mixed with one, contribute
     only the KD term. Smoothing only ever touches the label term, never the KD target. The KD loss gets each
     sample's target class after mixing (the label with the larger weight, -1 unknown), which only DKD uses.
+
+    `mix` mixes the batch with its flip (in-batch mixing); `pair`, a mixed store's per-sample "partner_label" and
+    "lam" [B] (`ReplayDataset`), mixes each sample's label with its own partner's instead.
     """
     kd_loss = None if kd.loss == "none" else losses.KD_LOSSES[kd.loss]
     w = 0.0 if kd_loss is None else kd.weight
@@ -165,16 +177,24 @@ def student_loss(logits, labels, target_probs, kd, temperature, num_classes, smo
     known = labels >= 0
     if mix is not None:
         known = known & known.flip(0)
+    if pair is not None:
+        partner, lam = pair["partner_label"], pair["lam"].float()
+        known = known & (partner >= 0)
     zero = logits.new_zeros((), dtype=torch.float32)
     ce = zero
     if w < 1 and known.any():
         target = mix_targets(losses.smooth_one_hot(labels.clamp(min=0), num_classes, smoothing), mix)
+        if pair is not None:
+            other = losses.smooth_one_hot(partner.clamp(min=0), num_classes, smoothing)
+            target = target * lam[:, None] + other * (1.0 - lam)[:, None]
         ce = losses.weighted_cross_entropy(logits[known], target[known], weights, gamma)
     kd_term = zero
     if w > 0:
         # the target class of a mixed sample is the label with the larger weight (own: λ, partner B-1-i: 1 - λ);
         # -1 (unlabeled) leaves it to the loss, which takes the mixed teacher's argmax
         target_class = labels if mix is None or mix.lam >= 0.5 else labels.flip(0)
+        if pair is not None:
+            target_class = torch.where(lam >= 0.5, labels, partner)
         kd_term = kd_loss.fn(logits_kd, target_probs, target_class, temperature, kd)
     loss = (1 - w) * ce + w * kd_term
     return {"loss": loss, "loss_ce": ce.detach(), "loss_kd": kd_term.detach()}

@@ -68,7 +68,7 @@ def main(argv=None):
     students = chosen_students(recipe, args.student)
     accelerator = student_accelerator(recipe, students)
     store, samples, val_split, classes = open_store(recipe, accelerator)  # checked before anything is written
-    check_kd(recipe, students, len(classes))
+    check_kd(recipe, students, len(classes), store)
     for student in students:
         index = recipe.students.index(student)
         train_student(recipe, student, index, store, samples, val_split, classes, accelerator, args.resume)
@@ -137,9 +137,10 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
                     x = mix_images(x, mix)
                     target, mix_kl = batch_target(batch, mix, teacher, kd, temperature, accelerator)
+                    pair = batch[2] if store.mixed else None  # the store's own mixing: each row's partner and λ
                     parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix,
-                                         weights, imb.focal_gamma)
-                    if mix_kl is not None:  # online KD: how far the cached-mixing approximation is from the truth
+                                         weights, imb.focal_gamma, pair)
+                    if mix_kl is not None:  # online KD: how far the cached target is from the truth on mixed images
                         prog.mix_kl.append(mix_kl)
                     if prog.mix_kl:
                         parts["mix_approx_kl"] = torch.tensor(prog.mix_kl[-1], device=accelerator.device)

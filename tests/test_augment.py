@@ -60,6 +60,8 @@ class FakeSamples:
 class FakeStore:
     """What ReplayDataset reads of a store: the manifest's view spec, and per row its params and seed."""
 
+    mixed = False
+
     def __init__(self, spec, seed, samples):
         self.spec, self.seed, self.samples, self.views = spec, seed, samples, spec.views
         self.manifest = {"view_spec": store.view_spec(spec, seed), "center_view": spec.views}
@@ -82,7 +84,7 @@ def test_teacher_and_student_render_the_same_view(name):
     plain = TeacherViews(samples, TargetsConfig(views=3), 7, PRE32, 0, len(samples))
     changed = 0
     for i in range(len(samples)):
-        x, _, seeds, _ = teacher[i]
+        x, _, seeds, *_ = teacher[i]
         assert seeds[-1] == aug.NO_AUGMENT and (seeds[:-1] >= 0).all()  # the center view is never augmented
         changed += int(not torch.equal(x[:-1], plain[i][0][:-1]))
         assert torch.equal(x[-1], plain[i][0][-1])
@@ -153,7 +155,7 @@ def test_no_augment_renders_exactly_as_before():
                                         "center_crop_pct": 1.0}
     teacher = TeacherViews(samples, spec, 0, PRE32, 0, len(samples))
     for i in range(len(samples)):
-        x, _, seeds, _ = teacher[i]
+        x, _, seeds, *_ = teacher[i]
         image = samples.load(i)
         # today's path: the crop box and flip rendered, normalised
         want = np.stack([store.render(image, p, 32, "bicubic") for p in store.view_params(spec, 0, i, 96, 80)])

@@ -122,6 +122,16 @@ def _check_recipe(recipe: Recipe) -> None:
             raise DistillError(f"students.{i}.fixres.crop_pct: {s.fixres.crop_pct} differs from the store's center "
                                f"view (targets.center_crop_pct: {center}), the crop FixRes trains on; leave "
                                "fixres.crop_pct out, or set targets.center_crop_pct to it (the store is rebuilt)")
+    from distill.mix import mix_enabled
+    if mix_enabled(recipe.targets.mix):
+        for i, s in enumerate(recipe.students):
+            if mix_enabled(s.mix):
+                raise DistillError(f"students.{i}.mix: the store mixes its views already (targets.mix, labelled by "
+                                   "the teacher on the mixed image); mixing the batch again would mix twice: leave "
+                                   f"students.{i}.mix out, or targets.mix out for in-batch mixing")
+        if recipe.targets.oof:
+            raise DistillError("targets.mix: out-of-fold targets (targets.oof) cannot be mixed: no fold teacher "
+                               "held out both images of a pair; leave one of them out")
     if recipe.targets.oof and not recipe.teacher.folds:
         raise DistillError("targets.oof: out-of-fold targets need fold teachers; set teacher.folds (e.g. 5)")
     if recipe.data.group_column is not None and recipe.data.source != "csv":

@@ -215,6 +215,10 @@ class TargetsConfig:
     # teacher.augment.train entries, drawn per view from a stored seed in units that hold at every resolution
     # (distill.store.augment.REPLAYABLE names the transforms); [] = crop box and flip only
     augment: list[dict[str, Any]] = field(default_factory=list)
+    # exact MixUp/CutMix (written like students.N.mix): each random view is mixed with a partner view drawn from
+    # its seed, and the teacher labels the mixed image, so students get its output on their very mixed input
+    # (store/mixing.py); students of such a store leave their own `mix` off
+    mix: MixConfig = MixConfig()
 
 
 @dataclass(frozen=True)

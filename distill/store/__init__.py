@@ -15,6 +15,10 @@ view `r % (views + 1)`. Tensors per shard:
     seed        int64   [rows]      only with `targets.augment`: the view's augmentation seed, drawn from (seed,
                                     sample, view); -1 (none) for the center view. The manifest's view_spec then
                                     holds `augment` (the specs, defaults filled in) and `seed_column: "seed"`
+    partner     int64   [rows, 2]   only with `targets.mix`: the (sample, view) mixed into the row, -1 unmixed
+    mix         float32 [rows, 5]   only with `targets.mix`: λ, then the CutMix box y0, x0, y1, x1 (normalised; all
+                                    0 for MixUp); the row's view is the mixed image and its logits the teacher's
+                                    output on it (mixing.py). The manifest's view_spec then holds `mix`
     label       int64   [samples]   -1 for unlabeled images
     logit_mean  float32 [rows]      mean of the K float32 logits  } what `kd.standardize` standardises with
     logit_std   float32 [rows]      their std (unbiased)          }
@@ -32,7 +36,8 @@ Each model renders a view for itself: crop the box out of the original image, re
 size, flip, then the view's `targets.augment` transforms with parameters drawn from its seed in units that hold at
 any size (augment.py), normalise with its own mean/std; so the student sees the very pixels the teacher saw.
 
-Modules: views (drawing and rendering views, the teacher's view dataset), augment (the replayable transforms), samples (the samples in order and
+Modules: views (drawing and rendering views, the teacher's view dataset), augment (the replayable transforms),
+mixing (exact MixUp/CutMix: partners, λ and boxes per view), samples (the samples in order and
 the fingerprints), shards (the files: shards, sidecars, manifest), export (the teacher's pass that writes a
 store), reader (TargetStore, memory-mapped), diagnostics (the teacher on its own views), replay (the student's
 dataset), inspection (`distill inspect`).

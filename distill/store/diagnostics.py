@@ -35,7 +35,7 @@ def diagnostics(store: TargetStore, chunk: int = 4096) -> dict:
                     got.append(e[key])
             else:
                 pred = torch.from_numpy(r["logits"]).argmax(-1).numpy()
-                correct_views += (pred == r["label"]).sum()
+                correct_views += (pred == majority_label(store, r)).sum()
     ev = {key: np.concatenate(a) if a and a[0] is not None else None for key, a in parts.items()}
     max_prob = ev["max_prob"] if ev["max_prob"] is not None else np.zeros(0)
     return {
@@ -47,6 +47,17 @@ def diagnostics(store: TargetStore, chunk: int = 4096) -> dict:
             ev["right"] if ev["right"] is not None else np.zeros(0, bool),
             ev["evenness"] if evenness_testable(k, kept) else None, k),
     }
+
+
+def majority_label(store: TargetStore, rows: dict) -> np.ndarray:
+    """Each row's label, or in a mixed view (`targets.mix`) the label of the image with the larger share."""
+    if "partner" not in rows:
+        return rows["label"]
+    partner = rows["partner"][:, 0]
+    mixed = np.flatnonzero((partner >= 0) & (rows["mix"][:, 0] < 0.5))
+    out = rows["label"].copy()
+    out[mixed] = store.labels(partner[mixed])
+    return out
 
 
 def evenness_testable(num_classes: int, kept: int | None = None) -> bool:

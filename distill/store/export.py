@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from distill.data import Preprocess
 from distill.errors import DistillError
+from distill.mix import mix_enabled
 from distill.runs import write_json
 from distill.store.diagnostics import diagnostics
 from distill.store.reader import TargetStore
@@ -62,21 +63,23 @@ def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
                        "(or point output_dir elsewhere)")
 
 
-def bytes_per_view(logit_spec: dict, num_classes: int, augmented: bool = False) -> int:
-    """A stored row's bytes: its view parameters (5 float32), with `targets.augment` its seed (int64), the row's
+def bytes_per_view(logit_spec: dict, num_classes: int, augmented: bool = False, mixed: bool = False) -> int:
+    """A stored row's bytes: its view parameters (5 float32), with `targets.augment` its seed (int64), with
+    `targets.mix` its partner (2 int64) and mixing (5 float32), the row's
     logit mean and std (float32 each), and its logits (float16, all K or the top k with their indices and the
     tail's log-sum-exp and mean)."""
     if logit_spec["storage"] == "full":
         logits = 2 * num_classes
     else:
         logits = logit_spec["k"] * (2 + (2 if logit_spec["index_dtype"] == "int16" else 4)) + 8
-    return 5 * 4 + (8 if augmented else 0) + 8 + logits
+    return 5 * 4 + (8 if augmented else 0) + (2 * 8 + 5 * 4 if mixed else 0) + 8 + logits
 
 
 def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int | None = None) -> str:
     """The store's size, as one line to print; a DistillError when the `rows` still to write (all of them by
     default) do not fit on the disk that holds `out`. teach.py asks before fine-tuning, export before writing."""
-    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)))
+    mixed = getattr(spec, "mix", None) is not None and mix_enabled(spec.mix)
+    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)), mixed)
     total = num_samples * (spec.views + 1)
     rows = total if rows is None else rows
     disk = _existing_parent(out)
@@ -154,9 +157,9 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
         first, last = s * spec.shard_size, min(len(samples), (s + 1) * spec.shard_size)
         loader = DataLoader(TeacherViews(samples, spec, seed, pre, first, last), batch_size=spec.batch_size,
                             num_workers=num_workers)
-        parts = {"params": [], "seed": [], "label": [], "logits": []}
+        parts = {"params": [], "seed": [], "label": [], "logits": [], "partner": [], "mix": []}
         sample = first
-        for x, params, seeds, labels in loader:
+        for x, params, seeds, labels, partners, mixes in loader:
             t0 = time.perf_counter()
             # channels-last: a DataLoader worker hands over NCHW copies, on which oneDNN's depthwise
             # convolutions (EfficientNet, MobileNet teachers) run ~3x slower (benchmarks/export.py)
@@ -171,10 +174,13 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
             parts["params"].append(params.flatten(0, 1))
             parts["seed"].append(seeds.flatten())
             parts["label"].append(labels)
+            parts["partner"].append(partners.flatten(0, 1))
+            parts["mix"].append(mixes.flatten(0, 1))
             bar.update(len(params.flatten(0, 1)))
         write_shard(out, s, first, last, fp, what, logit_spec,
                     torch.cat(parts["logits"]), torch.cat(parts["params"]), torch.cat(parts["label"]),
-                    torch.cat(parts["seed"]) if getattr(spec, "augment", None) else None)
+                    torch.cat(parts["seed"]) if getattr(spec, "augment", None) else None,
+                    *((torch.cat(parts["partner"]), torch.cat(parts["mix"])) if "mix" in views else ()))
     bar.close()
     seconds = time.perf_counter() - start
     rows_done = todo * (spec.views + 1)

@@ -32,9 +32,14 @@ def summary(path) -> str:
         lines.append("augment      " + ", ".join(
             a["name"] + "(" + ", ".join(f"{k}={v}" for k, v in a.items() if k != "name") + ")"
             for a in m["view_spec"]["augment"]))
+    if m["view_spec"].get("mix"):  # targets.mix: each random view mixed with a partner view, labelled as mixed
+        x = m["view_spec"]["mix"]
+        lines.append(f"mix          exact: MixUp α {x['mixup_alpha']}, CutMix α {x['cutmix_alpha']}, prob {x['prob']}, "
+                     f"switch {x['switch_prob']} (the teacher labelled each mixed view)")
     if d:
         lines += [
-            f"teacher top1 {d['top1_views']:.4f} on random views, {d['top1_center']:.4f} on center views",
+            f"teacher top1 {d['top1_views']:.4f} on random views{' (the larger share of a mix)' if m['view_spec'].get('mix') else ''}, "
+            f"{d['top1_center']:.4f} on center views",
             f"confidence   mean max-prob {_fmt(d['mean_max_prob'])}, p99 {d['max_prob_p99']:.4f}",
             (f"LS signature implied alpha {d['implied_alpha']:.3f}, pile-up under the ceiling "
              f"{_fmt(d.get('ceiling_pileup'))}, non-target uniformity {_fmt(d['nontarget_uniformity'])} -> "

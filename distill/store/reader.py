@@ -9,6 +9,7 @@ import numpy as np
 from distill.errors import DistillError
 from distill.store.augment import NO_AUGMENT
 from distill.store.shards import MANIFEST, REBUILD, check_version, damaged_shards, read_manifest
+from distill.store.mixing import MIX_COLUMNS
 from distill.store.views import PARAM_COLUMNS
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
@@ -55,6 +56,7 @@ class TargetStore:
         self.num_samples, self.views, self.num_classes = m["num_samples"], m["views"], m["num_classes"]
         self.rows_per_sample, self.shard_size = m["rows_per_sample"], m["shard_size"]
         self.storage = m["logits"]["storage"]
+        self.mixed = "mix" in m.get("view_spec", {})  # targets.mix: rows carry a partner view and their mixing
         self._shards = [None] * len(m["shards"])
 
     def verify(self, accelerator=None) -> None:
@@ -80,11 +82,7 @@ class TargetStore:
             self._shards[s] = _memmap_safetensors(self.path / self.manifest["shards"][s]["file"])
         return self._shards[s]
 
-    def rows(self, samples, views, temperature: float = 1.0, standardized: bool = False) -> dict[str, np.ndarray]:
-        """The stored rows of (sample, view) pairs: "logits" [n, K] float32, "params", "seed" (augmentation; -1:
-        none), "label", "logit_mean", "logit_std". A top-k row's tail is rebuilt for softmax(logits / `temperature`) (`reconstruct_topk`);
-        `standardized`: the logits will be standardised first, which makes each row's effective temperature
-        `temperature` · its logit std."""
+    def _locate(self, samples, views):
         samples = np.atleast_1d(np.asarray(samples, dtype=np.int64))
         views = np.broadcast_to(np.asarray(views, dtype=np.int64), samples.shape)
         if samples.min(initial=0) < 0 or samples.max(initial=-1) >= self.num_samples:
@@ -93,17 +91,53 @@ class TargetStore:
             raise IndexError(f"view out of range [0, {self.rows_per_sample})")
         shard_of = samples // self.shard_size
         local = (samples - shard_of * self.shard_size) * self.rows_per_sample + views
+        return samples, shard_of, local
+
+    def views_of(self, samples, views) -> dict[str, np.ndarray]:
+        """What renders the (sample, view) pairs, without their logits: "params" and "seed" (-1: none)."""
+        samples, shard_of, local = self._locate(samples, views)
+        out = {"params": np.empty((len(samples), len(PARAM_COLUMNS)), np.float32),
+               "seed": np.full(len(samples), NO_AUGMENT, np.int64)}
+        for s in np.unique(shard_of):
+            pick = np.flatnonzero(shard_of == s)
+            shard = self._shard(int(s))
+            out["params"][pick] = shard["params"][local[pick]]
+            if "seed" in shard:
+                out["seed"][pick] = shard["seed"][local[pick]]
+        return out
+
+    def labels(self, samples) -> np.ndarray:
+        """The samples' labels (-1: unlabeled)."""
+        samples, shard_of, _ = self._locate(samples, 0)
+        out = np.empty(len(samples), np.int64)
+        for s in np.unique(shard_of):
+            pick = np.flatnonzero(shard_of == s)
+            out[pick] = self._shard(int(s))["label"][samples[pick] - s * self.shard_size]
+        return out
+
+    def rows(self, samples, views, temperature: float = 1.0, standardized: bool = False) -> dict[str, np.ndarray]:
+        """The stored rows of (sample, view) pairs: "logits" [n, K] float32, "params", "seed" (augmentation; -1:
+        none), "label", "logit_mean", "logit_std", and in a mixed store (`targets.mix`) "partner" [n, 2] (sample,
+        view; -1: unmixed) and "mix" [n, 5] (λ, CutMix box). A top-k row's tail is rebuilt for
+        softmax(logits / `temperature`) (`reconstruct_topk`); `standardized`: the logits will be standardised
+        first, which makes each row's effective temperature `temperature` · its logit std."""
+        samples, shard_of, local = self._locate(samples, views)
         out = {"logits": np.empty((len(samples), self.num_classes), np.float32),
                "params": np.empty((len(samples), len(PARAM_COLUMNS)), np.float32),
                "label": np.empty(len(samples), np.int64), "logit_mean": np.empty(len(samples), np.float32),
                "logit_std": np.empty(len(samples), np.float32),
                "seed": np.full(len(samples), NO_AUGMENT, np.int64)}
+        if self.mixed:
+            out["partner"] = np.empty((len(samples), 2), np.int64)
+            out["mix"] = np.empty((len(samples), len(MIX_COLUMNS)), np.float32)
         for s in np.unique(shard_of):
             pick = np.flatnonzero(shard_of == s)
             rows, shard = local[pick], self._shard(int(s))
             out["params"][pick] = shard["params"][rows]
             if "seed" in shard:  # targets.augment: the row's augmentation seed
                 out["seed"][pick] = shard["seed"][rows]
+            if self.mixed:
+                out["partner"][pick], out["mix"][pick] = shard["partner"][rows], shard["mix"][rows]
             out["label"][pick] = shard["label"][(samples[pick] - s * self.shard_size)]
             out["logit_mean"][pick], out["logit_std"][pick] = shard["logit_mean"][rows], shard["logit_std"][rows]
             if self.storage == "full":

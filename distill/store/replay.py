@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 from distill.data import Preprocess
 from distill.errors import DistillError
 from distill.store.augment import augment, check_augment
+from distill.store.mixing import NO_PARTNER, mix_views
 from distill.store.reader import TargetStore
 from distill.store.samples import Samples
 from distill.store.shards import REBUILD
@@ -18,7 +19,9 @@ class ReplayDataset(Dataset):
     """(student image of a stored view, label or -1, teacher targets) for every sample.
 
     The teacher targets are a dict: "logits" float32 [K] (top-k reconstructed) and the row's "logit_mean" and
-    "logit_std" over all K float32 logits (scalars), which `kd.teacher_probs` standardises with.
+    "logit_std" over all K float32 logits (scalars), which `kd.teacher_probs` standardises with; from a mixed store
+    (`targets.mix`) also "lam" and "partner_label": the image is then the row's mixed view, the logits the
+    teacher's on it, and the label term mixes both labels with λ (`kd.student_loss`).
 
     `temperature` / `standardized`: the student's KD temperature and `kd.standardize`, for which a top-k store
     rebuilds the tail (`TargetStore.rows`).
@@ -55,14 +58,31 @@ class ReplayDataset(Dataset):
     def __getitem__(self, i: int):
         row = self.store.row(i, self.view_of(i), self.temperature, self.standardized)
         image = self.samples.load(i)
-        pixels = self.render(image, row, self.pre)
+        x, lam, partner = self.input(image, row, self.pre)
         cached = {key: torch.from_numpy(np.asarray(row[key])) for key in ("logits", "logit_mean", "logit_std")}
-        item = (to_tensor(pixels, self.pre), int(row["label"]), cached)
+        if self.store.mixed:
+            # the label term mixes the own and the partner's label with λ at the student's size (a CutMix box is
+            # rounded to its pixels); an unmixed row is its own partner with λ = 1
+            label = int(row["label"])
+            cached["lam"] = torch.tensor(lam, dtype=torch.float32)
+            cached["partner_label"] = torch.tensor(label if partner < 0 else int(self.samples.labels[partner]))
+        item = (x, int(row["label"]), cached)
         if self.teacher_pre is not None:
-            t = self.teacher_pre
-            item += (to_tensor(self.render(image, row, t), t),)
+            item += (self.input(image, row, self.teacher_pre)[0],)
         return item
 
+    def input(self, image: np.ndarray, row: dict, pre: Preprocess) -> tuple[torch.Tensor, float, int]:
+        """(the row's view as this model's normalised input, λ, partner sample or -1): crop, resize, flip, the
+        replayed augmentation, and in a mixed store the partner view mixed in (store/mixing.py)."""
+        x = to_tensor(self.render(image, row, pre), pre)
+        partner = int(row["partner"][0]) if self.store.mixed else NO_PARTNER
+        if partner == NO_PARTNER:
+            return x, 1.0, NO_PARTNER
+        other_row = {k: v[0] for k, v in self.store.views_of([partner], [int(row["partner"][1])]).items()}
+        other = to_tensor(self.render(self.samples.load(partner), other_row, pre), pre)
+        x, lam = mix_views(x, other, row["mix"])
+        return x, lam, partner
+
     def render(self, image: np.ndarray, row: dict, pre: Preprocess) -> np.ndarray:
-        """The row's view at this model's size: crop, resize, flip, then the replayed augmentation."""
+        """The row's view at this model's size, unmixed: crop, resize, flip, then the replayed augmentation."""
         return augment(render(image, row["params"], pre.input_size, pre.interpolation), self.augment, int(row["seed"]))

@@ -8,6 +8,7 @@ import numpy as np
 
 from distill.data import Split
 from distill.store.augment import check_augment
+from distill.store.mixing import mix_spec
 from distill.store.shards import FORMAT_VERSION, TAIL_SPREAD
 from distill.store.views import PARAM_COLUMNS
 
@@ -53,6 +54,9 @@ def view_spec(spec, seed: int) -> dict:
         # the replayed augmentation, defaults filled in, and the per-row seed column it is drawn from; without it
         # the spec (so the fingerprint) stays what it was
         views.update(augment=augment, augment_sampler="replay-v1", seed_column="seed")
+    mix = mix_spec(getattr(spec, "mix", None)) if getattr(spec, "mix", None) is not None else None
+    if mix is not None:  # targets.mix: likewise only in a mixed store's spec
+        views["mix"] = mix
     return views
 
 

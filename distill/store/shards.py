@@ -37,8 +37,8 @@ def shard_complete(out: Path, s: int, fp: str) -> bool:
 
 
 def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, logit_spec: dict,
-                logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None = None
-                ) -> None:
+                logits: torch.Tensor, params: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None = None,
+                partners: torch.Tensor | None = None, mixes: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     # every statistic comes from the float32 logits, before any rounding to float16 or cut to the top k
@@ -48,6 +48,9 @@ def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, l
                "logit_mean": logits.mean(-1).contiguous(), "logit_std": logits.std(-1).contiguous()}
     if seeds is not None:  # targets.augment: each row's augmentation seed (-1: none); a store without it has no column
         tensors["seed"] = seeds.long().contiguous()
+    if partners is not None:  # targets.mix: each row's partner (sample, view; -1: unmixed) and λ / CutMix box
+        tensors["partner"] = partners.long().contiguous()
+        tensors["mix"] = mixes.float().contiguous()
     if logit_spec["storage"] == "full":
         tensors["logits"] = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
     else:

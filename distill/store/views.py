@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import INTERPOLATIONS, Preprocess
+from distill.mix import mix_enabled
 from distill.store.augment import NO_AUGMENT, augment, check_augment, view_seed
+from distill.store.mixing import NO_PARTNER, UNMIXED, draw_mix, mix_views
 
 if TYPE_CHECKING:
     from distill.store.samples import Samples
@@ -103,22 +105,41 @@ def to_tensor(images: np.ndarray, pre: Preprocess) -> torch.Tensor:
 
 class TeacherViews(Dataset):
     """Sample i → its views as the teacher sees them [V + 1, 3, S, S], their parameters, their augmentation
-    seeds, its label."""
+    seeds, its label, and with `targets.mix` each view's partner (sample, view) [V + 1, 2] and mixing
+    [V + 1, 5] (store/mixing.py; the views are then the mixed images)."""
 
     def __init__(self, samples: Samples, spec, seed: int, pre: Preprocess, first: int, last: int):
         self.samples, self.spec, self.seed, self.pre = samples, spec, seed, pre
         self.first, self.last = first, last
         self.augment = check_augment(getattr(spec, "augment", None))
+        self.mix = getattr(spec, "mix", None)
 
     def __len__(self) -> int:
         return self.last - self.first
 
-    def __getitem__(self, j: int):
-        i = self.first + j
-        image = self.samples.load(i)
+    def view(self, i: int, v: int | None = None, image: np.ndarray | None = None):
+        """Sample i's views (all, or view v) as the teacher sees them, unmixed: float32 [n, 3, S, S], params, seeds."""
+        image = self.samples.load(i) if image is None else image
         params = view_params(self.spec, self.seed, i, *image.shape[:2])
         seeds = view_seeds(self.spec, self.seed, i)
+        if v is not None:
+            params, seeds = params[v:v + 1], seeds[v:v + 1]
         pixels = np.stack([augment(render(image, p, self.pre.input_size, self.pre.interpolation), self.augment, s)
                            for p, s in zip(params, seeds)])
+        return to_tensor(pixels, self.pre), params, seeds
+
+    def __getitem__(self, j: int):
+        i = self.first + j
+        x, params, seeds = self.view(i)
         label = int(self.samples.labels[i])
-        return to_tensor(pixels, self.pre), torch.from_numpy(params), torch.from_numpy(seeds), label
+        partners = np.full((len(x), 2), NO_PARTNER, np.int64)
+        mixes = np.tile(UNMIXED, (len(x), 1))
+        if self.mix is not None and mix_enabled(self.mix):
+            for v in range(self.spec.views):  # the center view (last) is never mixed
+                partners[v], mixes[v] = draw_mix(self.mix, self.seed, i, v, self.samples.num_labeled,
+                                                 len(self.samples), self.spec.views)
+                if partners[v, 0] != NO_PARTNER:
+                    other = self.view(int(partners[v, 0]), int(partners[v, 1]))[0][0]
+                    x[v] = mix_views(x[v], other, mixes[v])[0]
+        return (x, torch.from_numpy(params), torch.from_numpy(seeds), label, torch.from_numpy(partners),
+                torch.from_numpy(mixes))
