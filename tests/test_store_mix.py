@@ -238,3 +238,8 @@ def test_a_run_on_a_mixed_store_trains_every_kind_of_student(tmp_path):
     assert all(m["top1"] > 0.2 for m in metrics.values())
     assert metrics["cached"]["mix_approx_kl"] is None
     assert metrics["online"]["mix_approx_kl"] is not None and metrics["online"]["mix_approx_kl"] < 1e-3
+
+
+def test_inspect_names_the_mixing(digits_store):
+    text = store.summary(digits_store.out)
+    assert "mix          exact: MixUp α 0.4, CutMix α 1.0, prob 0.8" in text and "larger share of a mix" in text
