@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run)")
     p.add_argument("--teacher-size", type=int, default=96, help="teacher input size (px)")
-    p.add_argument("--student", default="timm:lcnet_050", help="student model")
+    p.add_argument("--student", default="timm:mobilenetv3_small_050", help="student model")
     p.add_argument("--student-size", type=int, default=28, help="student input size (px)")
     p.add_argument("--views", type=int, default=8, help="random views per image in each store (+1 center view)")
     p.add_argument("--no-augment", action="store_true", help="crop box and flip only (no targets.augment)")
