@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from distill.data import csvfile, digits, fashion_mnist, imagefolder
+from distill.data import csvfile, digits, fashion_mnist, hf, imagefolder
 from distill.data.images import read_image
 from distill.data.splits import Split, long_tail_indices, split_off, stratified_indices
 from distill.errors import DistillError
@@ -24,6 +24,7 @@ SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Split | None]]] = {
     "digits": digits.load,
     "imagefolder": imagefolder.load,
     "csv": csvfile.load,
+    "hf": hf.load,
 }
 
 

@@ -11,7 +11,8 @@ from distill.data.splits import UNLABELED, Split
 from distill.errors import DistillError
 from distill.recipe import DataConfig
 
-_BUILTINS = ("fashion-mnist", "digits")
+# sources whose train split can hold more rows than data.subset keeps: `rest` is the rows left out
+_BUILTINS = ("fashion-mnist", "digits", "hf")
 
 
 def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
@@ -44,7 +45,7 @@ def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
 
 def _unlabeled_rest(cfg: DataConfig, train: Split, val: Split) -> Split:
     if cfg.source not in _BUILTINS:
-        raise DistillError(f"data.unlabeled: 'rest' means the unused train images of a built-in source "
+        raise DistillError(f"data.unlabeled: 'rest' means the unused train images of a built-in or hf source "
                            f"({', '.join(_BUILTINS)}); with data.source {cfg.source} give a folder of images "
                            "instead (./rest for a folder named rest)")
     source, _ = SOURCES[cfg.source](cfg)  # cheap again: the idx files are cached

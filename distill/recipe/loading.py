@@ -14,7 +14,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe.cards import merge_card, read_yaml
-from distill.recipe.schema import Recipe, model_sources
+from distill.recipe.schema import DataConfig, Recipe, model_sources
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -134,8 +134,14 @@ def _check_recipe(recipe: Recipe) -> None:
                                "held out both images of a pair; leave one of them out")
     if recipe.targets.oof and not recipe.teacher.folds:
         raise DistillError("targets.oof: out-of-fold targets need fold teachers; set teacher.folds (e.g. 5)")
-    if recipe.data.group_column is not None and recipe.data.source != "csv":
-        raise DistillError(f"data.group_column: only a csv source has columns; data.source is {recipe.data.source!r}")
+    if recipe.data.group_column is not None and recipe.data.source not in ("csv", "hf"):
+        raise DistillError(f"data.group_column: only a csv or hf source has columns; data.source is "
+                           f"{recipe.data.source!r}")
+    if recipe.data.source != "hf":
+        for key in ("dataset", "revision", "train_split", "val_split", "image_column"):
+            if getattr(recipe.data, key) != getattr(DataConfig, key):
+                raise DistillError(f"data.{key}: only data.source hf reads it; data.source is "
+                                   f"{recipe.data.source!r}")
     for i, scale in enumerate(recipe.tta.scales):
         if not 0.5 <= scale <= 2:
             raise DistillError(f"tta.scales.{i}: expected a scale in [0.5, 2], got {scale!r}")

@@ -70,8 +70,19 @@ def _one_of(names):
 @dataclass(frozen=True)
 class DataConfig:
     source: str = field(default="fashion-mnist", metadata=_one_of(_data_sources))  # distill.data.sources
-    # builtin: folder of idx files; imagefolder: root/<class>/*; csv: the csv file
+    # builtin: folder of idx files; imagefolder: root/<class>/*; csv: the csv file; hf: a folder saved with
+    # save_to_disk, a folder of images or parquet files (datasets.load_dataset infers which), or a .parquet file
     root: str | None = None
+    # hf: a hub id instead of data.root (datasets.load_dataset downloads it into the Hugging Face cache;
+    # HF_HUB_OFFLINE=1 reads only the cache), at data.revision (a branch, tag or commit; null: the default branch)
+    dataset: str | None = None
+    revision: str | None = None
+    # hf: the splits; val_split null: "validation", else "test", else a stratified part of train (val_fraction)
+    train_split: str = "train"
+    val_split: str | None = None
+    # hf: the column of images (a datasets.Image feature); labels are data.label_column (a ClassLabel's names
+    # are the classes; ints or strings: their sorted unique values)
+    image_column: str = "image"
     # a given validation set (imagefolder folder or csv file); fashion-mnist's is its test split
     val_root: str | None = None
     # null: use the given validation split; a number: stratified split of train by this fraction
@@ -83,9 +94,9 @@ class DataConfig:
     # train images that data.subset left out (their labels dropped)
     unlabeled: str | None = None
     unlabeled_subset: int | None = field(default=None, metadata=_at_least(1))
-    path_column: str = "path"
-    label_column: str = "label"
-    # csv: a column naming each image's group (a person, a scan, a video); k-fold teachers keep a group's
+    path_column: str = "path"  # csv
+    label_column: str = "label"  # csv, hf
+    # csv, hf: a column naming each image's group (a person, a scan, a video); k-fold teachers keep a group's
     # images in one fold, so no group is in both a fold's training and its held-out images
     group_column: str | None = None
     num_workers: int = field(default=0, metadata=_at_least(0, 256))
