@@ -16,7 +16,7 @@ def write_metrics(path: Path, scores: dict, *, params: int, train_images_per_sec
     `distill run` compares to skip a complete stage.
 
     `train_images_per_sec` is None only for a model that was not trained here (an ensemble of members trained
-    elsewhere).
+    elsewhere). The folder's model card (README.md, distill.models.card) is rewritten with the record.
     """
     missing = [k for k in (*SCORES, "eval_images_per_sec") if k not in scores]
     if missing:  # a bug, not bad input: every stage evaluates with evaluate()
@@ -24,4 +24,7 @@ def write_metrics(path: Path, scores: dict, *, params: int, train_images_per_sec
     record = {**scores, "params": params, "train_images_per_sec": train_images_per_sec, "epochs": epochs,
               "seed": seed, "wall_seconds": wall_seconds, **fields, "classes": classes, "fingerprint": fingerprint}
     write_json(path, record)
+    from distill.models.card import write_card  # here, not at the top: distill.models imports torch and timm
+
+    write_card(path.parent, metrics=record)  # the folder's README.md, never older than its metrics.json
     return record

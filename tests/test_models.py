@@ -130,7 +130,8 @@ def test_save_load_round_trip(tmp_path, cfg):
     with torch.no_grad():  # move BatchNorm statistics off their defaults so buffers are checked too
         model.train()(torch.randn(4, 3, 32, 32))
     info = save_model(model, pre, tmp_path / "m", CLASSES, extra={"epoch": 3})
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+    # distill's own files, and the timm / transformers config and the model card beside them
+    assert {"model.json", "model.safetensors", "config.json", "README.md"} <= {p.name for p in (tmp_path / "m").iterdir()}
     assert info["sha256"] == sha256_file(tmp_path / "m" / "model.safetensors")
 
     loaded, pre2, info2 = load_model(tmp_path / "m")

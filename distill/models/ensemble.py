@@ -93,7 +93,9 @@ def save_ensemble(out_dir, member_dirs: list, combine: str, classes: list[str], 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{INFO_FILE}.tmp"
     tmp.write_text(json.dumps(info, indent=2, default=json_default))
-    (out / MODEL_FILE).unlink(missing_ok=True)  # a single model's weights from before would contradict it
+    # a single model's weights, timm/transformers config and card from before would contradict it
+    for name in (MODEL_FILE, "config.json", "preprocessor_config.json"):
+        (out / name).unlink(missing_ok=True)
     os.replace(tmp, out / INFO_FILE)
     return info
 

@@ -4,12 +4,20 @@ model.json describes the folder enough to rebuild the model offline and evaluate
 the source's own description (`Source.describe`), the classes, `preprocess` (input size, crop fraction,
 interpolation, mean/std), `eval_augment` (the albumentations eval list, or null for the default eval
 transform), the weights' sha256 and parameter count, and the caller's `extra`.
+
+The same folder is also what the ecosystem loads (`ECOSYSTEM`, per source): a timm model's folder has timm's
+config.json beside weights under timm's own names, so `timm.create_model("local-dir:<dir>", pretrained=True)`
+and transformers' TimmWrapper (`AutoModelForImageClassification`, `pipeline("image-classification")`) load
+it; a transformers model's folder has its config.json and preprocessor_config.json and weights under the
+transformers model's own names (no `hf.` of our wrapper), so `from_pretrained(<dir>)` loads it. README.md is
+its model card (distill.models.card).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,14 +26,18 @@ from torch import nn
 
 from distill.data import Preprocess
 from distill.errors import DistillError
+from distill.models.card import write_card
 from distill.models.common import FORMAT_VERSION, INFO_FILE, MODEL_FILE, first_line
 from distill.models.params import count_params
 from distill.models.sources import SOURCES
 
+_logger = logging.getLogger(__name__)
+
 
 def save_model(model: nn.Module, pre: Preprocess, out_dir, classes: list[str], extra: dict | None = None,
                eval_augment: list | None = None) -> dict:
-    """Write out_dir/model.safetensors + model.json, enough to rebuild the model offline.
+    """Write out_dir/model.safetensors + model.json, enough to rebuild the model offline, beside the config
+    files timm / transformers load it with (`ECOSYSTEM`) and README.md (its model card, without metrics yet).
 
     Pass the unwrapped model (`accelerator.unwrap_model`). `eval_augment` is the albumentations eval list the
     model is evaluated with (a teacher's `teacher.augment.eval`); None: the default eval transform. Files are
@@ -46,15 +58,76 @@ def save_model(model: nn.Module, pre: Preprocess, out_dir, classes: list[str], e
     out.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    files = {}  # the ecosystem's config files: name -> contents
+    if spec["source"] in ECOSYSTEM:
+        state, files = ECOSYSTEM[spec["source"]](model, state, pre, classes, info)
     tmp_weights, tmp_info = out / f".{MODEL_FILE}.tmp", out / f".{INFO_FILE}.tmp"
     save_file(state, str(tmp_weights), metadata={"format": "pt"})
     info.update(num_classes=num_classes, classes=list(classes), preprocess=dataclasses.asdict(pre),
                 eval_augment=eval_augment, sha256=sha256_file(tmp_weights), params=count_params(model),
                 extra=extra or {})
+    for name, contents in files.items():
+        (out / f".{name}.tmp").write_text(json.dumps(contents, indent=2, default=json_default))
     tmp_info.write_text(json.dumps(info, indent=2, default=json_default))
     os.replace(tmp_weights, out / MODEL_FILE)
+    for name in files:
+        os.replace(out / f".{name}.tmp", out / name)
+    write_card(out, info)  # what the model is; record.write_metrics adds how it scored
     os.replace(tmp_info, out / INFO_FILE)
     return info
+
+
+def _timm_folder(model: nn.Module, state: dict, pre: Preprocess, classes: list[str],
+                 info: dict) -> tuple[dict, dict]:
+    """timm's own config.json (timm's `save_config_for_hf`), with the folder's preprocessing as its
+    pretrained_cfg and the classes as label_names; the state dict is timm's already."""
+    import tempfile
+
+    from timm.models._hub import save_config_for_hf  # what timm.models.save_for_hf writes
+
+    data = {"input_size": (3, pre.input_size, pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
+            "interpolation": _TIMM_INTERPOLATION.get(pre.interpolation, pre.interpolation),
+            "crop_pct": pre.crop_pct, "crop_mode": "center"}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save_config_for_hf(model, f"{tmp}/config.json", model_config={"label_names": list(classes)},
+                               data_config=data)
+        except (TypeError, ValueError, KeyError) as e:
+            # e.g. a timm_kwargs value JSON cannot hold: the model is still saved for distill; only timm's
+            # and transformers' loaders lose it, which must not end a training run
+            _logger.warning("%s: no config.json for timm / transformers (%s)", info.get("model"), first_line(e))
+            return state, {}
+        config = json.loads(Path(f"{tmp}/config.json").read_text())
+    # TimmWrapper passes num_classes itself (from the top-level num_classes) and fails on a second one;
+    # timm's local-dir takes it from the same top-level entry
+    config.get("model_args", {}).pop("num_classes", None)
+    # these describe the checkpoint timm's default config names (ImageNet weights), not these weights
+    for key in ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_filename"):
+        config["pretrained_cfg"].pop(key, None)
+    return state, {"config.json": config}
+
+
+def _hf_folder(model: nn.Module, state: dict, pre: Preprocess, classes: list[str],
+               info: dict) -> tuple[dict, dict]:
+    """A transformers `save_pretrained` layout: config.json (with the classes as id2label), the transformers
+    model's own tensor names, and a preprocessor_config.json that resizes and crops as distill evaluates."""
+    state = {k.removeprefix(f"{HF_PREFIX}."): v for k, v in state.items()}
+    config = {**info["hf_config"], "architectures": [info["hf_class"]]}
+    resize = int(pre.input_size / pre.crop_pct)  # distill's eval: shorter side to this, centre crop input_size
+    processor = {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
+                 "do_resize": True, "size": {"shortest_edge": resize}, "resample": _PIL_RESAMPLE[pre.interpolation],
+                 "do_center_crop": True, "crop_size": {"height": pre.input_size, "width": pre.input_size},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(pre.mean), "image_std": list(pre.std)}
+    return state, {"config.json": config, "preprocessor_config.json": processor}
+
+
+# per model source: (model, state dict, preprocess, classes, model.json) -> (the state dict to save under the
+# ecosystem's names, {config file name: contents}); a source without an entry keeps model.json only
+ECOSYSTEM = {"timm": _timm_folder, "hf": _hf_folder}
+HF_PREFIX = "hf"  # HFClassifier keeps the transformers model as `.hf`
+_TIMM_INTERPOLATION = {"area": "box"}  # PIL's box filter is its area average
+_PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "area": 4}
 
 
 def load_model(model_dir) -> tuple[nn.Module, Preprocess, dict]:
@@ -76,7 +149,7 @@ def load_model(model_dir) -> tuple[nn.Module, Preprocess, dict]:
                            "replaced, re-run the stage that wrote it")
     try:
         model = _rebuild(info)
-        state = load_file(str(weights))
+        state = _own_names(model, load_file(str(weights)))
         model.load_state_dict(state)
         pre = saved_preprocess(info)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -119,6 +192,14 @@ def _rebuild(info: dict) -> nn.Module:
     if "model" in info:
         model.distill_spec["model"] = info["model"]
     return model
+
+
+def _own_names(model: nn.Module, state: dict) -> dict:
+    """The saved tensors under the model's names: a transformers folder keeps the transformers model's names,
+    without our wrapper's `hf.` (folders from before keep it)."""
+    own = model.state_dict().keys()
+    prefixed = {f"{HF_PREFIX}.{k}": v for k, v in state.items()}
+    return prefixed if state.keys() != own and prefixed.keys() == own else state
 
 
 def saved_preprocess(info: dict) -> Preprocess:

@@ -38,8 +38,9 @@ def summary(path) -> str:
                      f"switch {x['switch_prob']} (the teacher labelled each mixed view)")
     if d:
         lines += [
-            f"teacher top1 {d['top1_views']:.4f} on random views{' (the larger share of a mix)' if m['view_spec'].get('mix') else ''}, "
-            f"{d['top1_center']:.4f} on center views",
+            (f"teacher top1 {d['top1_views']:.4f} on random views"
+             f"{' (the larger share of a mix)' if m['view_spec'].get('mix') else ''}, "
+             f"{d['top1_center']:.4f} on center views"),
             f"confidence   mean max-prob {_fmt(d['mean_max_prob'])}, p99 {d['max_prob_p99']:.4f}",
             (f"LS signature implied alpha {d['implied_alpha']:.3f}, pile-up under the ceiling "
              f"{_fmt(d.get('ceiling_pileup'))}, non-target uniformity {_fmt(d['nontarget_uniformity'])} -> "

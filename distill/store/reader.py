@@ -8,8 +8,8 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.store.augment import NO_AUGMENT
-from distill.store.shards import MANIFEST, REBUILD, check_version, damaged_shards, read_manifest
 from distill.store.mixing import MIX_COLUMNS
+from distill.store.shards import MANIFEST, REBUILD, check_version, damaged_shards, read_manifest
 from distill.store.views import PARAM_COLUMNS
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
