@@ -23,11 +23,15 @@ COMMANDS = {
     "audit": "training images whose label the teacher confidently contradicts: distill audit runs/<name>",
     "explain": "Grad-CAM of the teacher and a student on validation images, to TensorBoard: distill explain "
                "runs/<name>",
+    "push": "upload a saved model folder to the Hugging Face Hub: distill push <model dir> <repo id> [--private]",
+    "deploy": "a saved model as an ONNX graph taking images, checked against PyTorch and timed on CPU: distill "
+              "deploy <model dir> [--format onnx] [--out DIR] [--input uint8|float] [--images DIR]",
 }
 # commands whose whole work is one module's main(argv)
 MODULE_COMMANDS = {"teach": "distill.teach", "learn": "distill.learn", "fixres": "distill.fixres",
                    "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.diff:diff_main",
-                   "audit": "distill.audit", "explain": "distill.explain"}
+                   "audit": "distill.audit", "explain": "distill.explain",
+                   "push": "distill.push", "deploy": "distill.deploy"}
 
 
 @exit_on_error

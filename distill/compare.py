@@ -7,6 +7,8 @@ Writes <first run dir>/comparison.{md,csv}, an accuracy-vs-latency plot, and Ten
 the table as text, one hparams entry per model, the plot and the confusion matrices as images).
 When the first run's recipe has `tta.enabled: true`, each model also gets a `<role>+tta` row: its accuracy
 with test-time augmentation on its run's validation set, and its latency and throughput with TTA.
+A model deployed with `distill deploy` (a deploy/deploy.json of its current weights) also gets the ONNX Runtime
+latency and throughput `distill deploy` measured (`ort_*` columns; `-` otherwise).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ if __name__ == "__main__" and not __package__:
 import numpy as np
 import torch
 
+from distill.deploy import deployed_speed
 from distill.errors import DistillError, exit_on_error
 from distill.models import load_for_eval, load_model
 from distill.recipe import Recipe, TTAConfig, load_recipe
@@ -32,7 +35,7 @@ from distill.runs import write_text
 from distill.tta import num_views, tta_logits
 
 COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1",
-           "images_per_sec_b64", "tta_views", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
+           "images_per_sec_b64", "ort_latency_ms_b1", "ort_images_per_sec_b32", "tta_views", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
            "ls_decision")
 
 
@@ -90,6 +93,7 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
         ensemble = json.loads((run_dir / "teacher" / "metrics.json").read_text())
         m = {**m, **next(x for x in ensemble["members"] if f"teacher:{x['name']}" == role)}
     latency, throughput = measure_speed(model_dir) if speed else (None, None)
+    ort_latency, ort_throughput = deployed_speed(model_dir)  # measured by `distill deploy`, if it ran
     mix = m.get("mix") or {}
     mix_text = "+".join(k.split("_")[0] for k in ("mixup_alpha", "cutmix_alpha") if mix.get(k)) or "-"
     student = not role.startswith("teacher")
@@ -98,7 +102,8 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
         "run": run_dir.name, "model": m.get("model"), "role": role,
         "resolution": m.get("resolution") or m.get("input_size"), "top1": m["top1"], "macro_f1": m["macro_f1"],
         "nll": m["nll"], "ece": m["ece"], "params_m": m["params"] / 1e6, "latency_ms_b1": latency,
-        "images_per_sec_b64": throughput, "tta_views": 1, "train_minutes": m["wall_seconds"] / 60,
+        "images_per_sec_b64": throughput, "ort_latency_ms_b1": ort_latency, "ort_images_per_sec_b32": ort_throughput,
+        "tta_views": 1, "train_minutes": m["wall_seconds"] / 60,
         "kd": m.get("kd_loss", "-") if student else "-", "temperature": m.get("temperature") if distilled else None,
         "kd_weight": m.get("kd_weight") if distilled else None, "label_smoothing": m.get("label_smoothing"),
         "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
@@ -136,6 +141,7 @@ def tta_row(row: dict, model_dir: Path, split, tta: TTAConfig, speed: bool, batc
     latency, throughput = measure_speed(model_dir, tta=tta) if speed else (None, None)
     return {**row, "role": f"{row['role']}+tta", "top1": m["top1"], "macro_f1": m["macro_f1"], "nll": m["nll"],
             "ece": m["ece"], "latency_ms_b1": latency, "images_per_sec_b64": throughput,
+            "ort_latency_ms_b1": None, "ort_images_per_sec_b32": None,  # the deployed graph has no TTA
             "tta_views": num_views(tta), "_confusion": m["confusion_matrix"], "_reason": None, "_fixres": None}
 
 
@@ -269,10 +275,10 @@ def to_tensorboard(rows: list[dict], table: str, out_dir: Path, figure) -> None:
     writer = SummaryWriter(str(out_dir))
     writer.add_text("comparison", table)
     for r in rows:
-        params = {c: ("-" if r[c] is None else r[c]) for c in COLUMNS if c not in
-                  ("top1", "macro_f1", "nll", "ece", "latency_ms_b1", "images_per_sec_b64")}
-        metrics = {f"compare/{k}": float(r[k]) for k in ("top1", "macro_f1", "nll", "ece", "latency_ms_b1",
-                                                           "images_per_sec_b64") if r[k] is not None}
+        measured = ("top1", "macro_f1", "nll", "ece", "latency_ms_b1", "images_per_sec_b64", "ort_latency_ms_b1",
+                    "ort_images_per_sec_b32")
+        params = {c: ("-" if r[c] is None else r[c]) for c in COLUMNS if c not in measured}
+        metrics = {f"compare/{k}": float(r[k]) for k in measured if r[k] is not None}
         writer.add_hparams(params, metrics, run_name=f"{r['run']}-{r['role']}")
         if r["_confusion"]:
             writer.add_figure(f"confusion/{r['run']}/{r['role']}", confusion_figure(r))
