@@ -15,6 +15,8 @@ COMMANDS = {
              "[overrides] [--student NAME] [--resume]",
     "fixres": "only the FixRes stages of trained students: distill fixres recipe.yaml [overrides] [--student NAME] "
               "[--resume]",
+    "sweep": "Optuna searches one student's distillation settings over the existing store (sweep: in the recipe): "
+             "distill sweep recipe.yaml [--trials N] [--student NAME] [overrides]",
     "compare": "one table of the teacher and every student: distill compare runs/<name> [more run dirs]",
     "inspect": "summarise a soft-target store: distill inspect runs/<name>/targets",
     "predict": "predictions of a saved model for images, as CSV: distill predict <model dir> <images> --out preds.csv "
@@ -30,7 +32,7 @@ COMMANDS = {
 # commands whose whole work is one module's main(argv)
 MODULE_COMMANDS = {"teach": "distill.teach", "learn": "distill.learn", "fixres": "distill.fixres",
                    "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.diff:diff_main",
-                   "audit": "distill.audit", "explain": "distill.explain",
+                   "audit": "distill.audit", "explain": "distill.explain", "sweep": "distill.sweep",
                    "push": "distill.push", "deploy": "distill.deploy"}
 
 

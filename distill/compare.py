@@ -9,6 +9,8 @@ When the first run's recipe has `tta.enabled: true`, each model also gets a `<ro
 with test-time augmentation on its run's validation set, and its latency and throughput with TTA.
 A model deployed with `distill deploy` (a deploy/deploy.json of its current weights) also gets the ONNX Runtime
 latency and throughput `distill deploy` measured (`ort_*` columns; `-` otherwise).
+The trials of `distill sweep` are students too; the `sweep` column marks them, the best one `best of N`.
+The recipe's other `log.trackers` (W&B, MLflow) get the table (and the plot) as a run named `compare`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ if __name__ == "__main__" and not __package__:
 import numpy as np
 import torch
 
+from distill import trackers
 from distill.deploy import deployed_speed
 from distill.errors import DistillError, exit_on_error
 from distill.models import load_for_eval, load_model
@@ -36,7 +39,7 @@ from distill.tta import num_views, tta_logits
 
 COLUMNS = ("run", "model", "role", "resolution", "top1", "macro_f1", "nll", "ece", "params_m", "latency_ms_b1",
            "images_per_sec_b64", "ort_latency_ms_b1", "ort_images_per_sec_b32", "tta_views", "train_minutes", "kd", "temperature", "kd_weight", "label_smoothing", "mix",
-           "ls_decision")
+           "ls_decision", "sweep")
 
 
 def parse_args(argv=None):
@@ -109,8 +112,20 @@ def row_for(run_dir: Path, role: str, model_dir: Path, speed: bool) -> dict:
         "mix": mix_text, "ls_decision": m.get("ls_decision", "-") if student else "-",
         "_confusion": m.get("confusion_matrix"), "_classes": m.get("classes"),
         "_reason": m.get("ls_reason") if not m.get("fixres") else None, "_fixres": m.get("fixres"),
-        "_folds": m.get("folds") if role == "teacher" else None,
+        "_folds": m.get("folds") if role == "teacher" else None, "sweep": sweep_mark(run_dir, role),
     }
+
+
+def sweep_mark(run_dir: Path, role: str) -> str | None:
+    """`best of N` for the best of the N complete trials of a `distill sweep` (sweep/<student>.json), `trial <n>`
+    for the others; None for a model that is no complete trial."""
+    for path in sorted((run_dir / "sweep").glob("*.json")):
+        sweep = json.loads(path.read_text())
+        for t in sweep["trials"]:
+            if t["state"] == "COMPLETE" and t["dir"] == role:
+                best = sweep["best"] is not None and sweep["best"]["number"] == t["number"]
+                return f"best of {sweep['complete']}" if best else f"trial {t['number']}"
+    return None
 
 
 def tta_section(run_dir: Path) -> TTAConfig | None:
@@ -317,6 +332,10 @@ def main(argv=None):
         figure = plot(rows)
         figure.savefig(out / "accuracy_vs_latency.png")
     to_tensorboard(rows, table, out / "tb" / "compare", figure)
+    recipe = run_recipe(out)  # its log.trackers beyond TensorBoard get the table too, as a run named `compare`
+    if recipe is not None:
+        for name in trackers.log_comparison(out, trackers.selected(recipe), COLUMNS, rows, table, figure):
+            print(f"logged to {name}: the table, as run `compare` of project {out.name}")
     print(table)
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'tb' / 'compare'}")
 

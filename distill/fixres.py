@@ -170,7 +170,7 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
             m.reset_running_stats()
     for m in bn:
         m.momentum = None
-    start_tracking(accelerator, f"{cfg.name}-fixres")
+    start_tracking(accelerator, f"{cfg.name}-fixres", {**hparams(recipe, "student", cfg), "fixres_resolution": fx.resolution})
     accelerator.print(f"fixres {cfg.name}: {train_pre.input_size}px -> {fx.resolution}px, {fx.epochs} epoch(s) "
                       f"on {len(train_ds)} center views, {sum(p.numel() for p in params)} trainable "
                       f"parameters, {len(bn)} normalisation layer(s) re-estimated, kd {kd.loss} ({kd.targets}, "

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from distill import losses
+from distill import losses, trackers
 from distill.data import load_splits, load_unlabeled
 from distill.errors import DistillError
 from distill.mix import mix_enabled, mix_images, mix_targets, rescale
@@ -74,8 +74,8 @@ def student_accelerator(recipe, students) -> Accelerator:
         # without a GPU, accelerate only goes multi-process (gloo) under torchrun when told it is on CPU
         cpu=not torch.accelerator.is_available(),
         mixed_precision=students[0].mixed_precision,
-        log_with="tensorboard" if recipe.log.tensorboard else None,
-        project_dir=str(recipe.run_dir / "tb"),
+        log_with=trackers.log_with(recipe),  # log.trackers, each checked installed before anything is written
+        project_dir=str(recipe.run_dir / "tb"),  # trackers.start_tracking: the run dir is its parent
     )
 
 

@@ -99,7 +99,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     imb = cfg.imbalance
     balance_classes, weights = class_balance(store, samples, len(train_ds), imb, num_classes)
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               seed=seed, balance=imb.sampler, classes=balance_classes)
+                               seed=seed, balance=imb.sampler, classes=balance_classes, repeats=cfg.repeated_aug)
     sampler = train_loader.sampler
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
@@ -117,7 +117,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
 
     if accelerator.is_main_process:
         write_text(out_dir / "config.yaml", dump_recipe(recipe))
-    start_tracking(accelerator, cfg.name)
+    start_tracking(accelerator, cfg.name, hparams(recipe, "student", cfg))  # the config from the start
     accelerator.print(f"student {cfg.name} ({cfg.model}): {count_params(model) / 1e6:.2f}M params, "
                       f"{len(train_ds)} train images at {pre.input_size}px, kd {kd.loss} "
                       f"({kd.targets}, T={temperature:g}, w={kd.weight:g}), LS policy: {decision['ls_decision']} "
@@ -168,6 +168,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                     # with `ema`, the EMA weights are the student that is kept
                     save_model(ema.module if ema is not None else accelerator.unwrap_model(model), pre, out_dir,
                                classes, extra={"student": cfg.name})
+                training.schedule_after_eval(scheduler, metrics, epoch, cfg)
             training.save_epoch(checkpoints, stop, prog, epoch, ema)
             if training.stopped_early(accelerator, prog, epoch, cfg, where, cfg.name):
                 break
@@ -182,7 +183,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
             num_processes=accelerator.num_processes, lr=lr, student=cfg.name, model=cfg.model,
             resolution=pre.input_size, kd_loss=kd.loss, kd_targets=kd.targets, temperature=temperature,
             kd_weight=kd.weight, kd_standardize=kd.standardize, label_smoothing=cfg.label_smoothing,
-            mix={"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha, "prob": cfg.mix.prob},
+            mix={"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha,
+                 "fmix_alpha": cfg.mix.fmix_alpha, "prob": cfg.mix.prob},
             ema=cfg.ema, imbalance=to_plain(imb), epochs_trained=prog.epoch, stopped_early=prog.stopped_early,
             **decision, mix_approx_kl=float(np.mean(mix_kl)) if mix_kl else None, train_images=len(train_ds),
             teacher_top1_center=store.manifest.get("diagnostics", {}).get("top1_center"), history=prog.history)

@@ -1,4 +1,5 @@
-"""The run directory: atomic writes, stage fingerprints, trackers (TensorBoard runs and hparams)."""
+"""The run directory: atomic writes, stage fingerprints, the hyper-parameters trackers get (the trackers
+themselves: distill/trackers.py, whose start_tracking and log_hparams the entry points import from here)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,10 @@ import secrets
 from pathlib import Path
 
 from distill.recipe import to_plain
+from distill.trackers import log_hparams, start_tracking
+
+__all__ = ["finished", "hparams", "log_hparams", "stage_fingerprint", "start_tracking", "write_json",
+           "write_text"]
 
 
 def write_text(path: Path, text: str) -> None:
@@ -68,21 +73,3 @@ def hparams(recipe, section: str, config=None) -> dict:
     walk("", {"name": plain["name"], "seed": plain["seed"], "data": plain["data"],
               section: to_plain(config) if config is not None else plain[section]})
     return flat
-
-
-def start_tracking(accelerator, run_name: str) -> None:
-    """TensorBoard for one run (teacher or a student) under tb/<run_name>, closing any earlier one."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers = []
-    accelerator.init_trackers(run_name)
-
-
-def log_hparams(accelerator, params: dict, metrics: dict) -> None:
-    """Hyper-parameters with final metrics, so TensorBoard's HParams dashboard lines runs up in one table."""
-    if not accelerator.is_main_process or not accelerator.trackers:
-        return
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    # run_name ".": into this run's own event file instead of a timestamped sub-folder
-    writer.add_hparams(params, {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name=".")
-    writer.flush()

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from distill import store, training
+from distill import store, trackers, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
@@ -80,8 +80,8 @@ def main(argv=None):
         cpu=not torch.accelerator.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
-        log_with="tensorboard" if recipe.log.tensorboard else None,
-        project_dir=str(run_dir / "tb"),
+        log_with=trackers.log_with(recipe),  # log.trackers, each checked installed before anything is written
+        project_dir=str(run_dir / "tb"),  # trackers.start_tracking: the run dir is its parent
     )
     set_seed(recipe.seed)
     if args.export_only:
@@ -122,7 +122,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
     eval_tf = build_transform(eval_augment, "eval", pre, where="teacher.augment.eval")
     train_ds = ImageDataset(train_split, train_tf, seed=recipe.seed)
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
-                               classes=train_split.labels, balance=cfg.imbalance.sampler)
+                               classes=train_split.labels, balance=cfg.imbalance.sampler, repeats=cfg.repeated_aug)
     sampler = train_loader.sampler
     counts = np.bincount(train_split.labels, minlength=num_classes)
     weights = class_weights(counts, cfg.imbalance.class_weights, cfg.imbalance.effective_beta)
@@ -143,7 +143,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
             write_text(run_dir / "skipped_images.txt", "".join(f"{path}\t{why}\n" for path, why in skipped))
             accelerator.print(f"warning: data.on_bad_image: skip: {len(skipped)} unreadable image(s) left out, "
                               f"listed in {run_dir / 'skipped_images.txt'}")
-    start_tracking(accelerator, name)
+    start_tracking(accelerator, name, hparams(recipe, "teacher"))  # the config from the start: a crash keeps it
     accelerator.print(f"{name} {cfg.model}: {count_params(model) / 1e6:.2f}M params, {num_classes} classes, "
                       f"{len(train_split)} train / {len(val_split)} val images, input {pre.input_size}px, "
                       f"lr {lr:.2e}, {accelerator.num_processes} process(es), precision {accelerator.mixed_precision}")
@@ -182,6 +182,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
                 if training.select(accelerator, prog, metrics, epoch, cfg, name) and accelerator.is_main_process:
                     save_model(accelerator.unwrap_model(model), pre, out_dir, classes, extra=teacher_record(cfg),
                                eval_augment=eval_augment)
+                training.schedule_after_eval(scheduler, metrics, epoch, cfg)
             training.save_epoch(checkpoints, stop, prog, epoch)
             if training.stopped_early(accelerator, prog, epoch, cfg, "teacher", name):
                 break
@@ -198,7 +199,8 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
             stopped_early=prog.stopped_early, imbalance=to_plain(cfg.imbalance), model=cfg.model, card=cfg.card,
             input_size=pre.input_size, mixed_precision=accelerator.mixed_precision,
             num_processes=accelerator.num_processes, global_batch_size=global_batch, lr=lr,
-            mix={"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha},
+            mix={"mixup_alpha": cfg.mix.mixup_alpha, "cutmix_alpha": cfg.mix.cutmix_alpha,
+                 "fmix_alpha": cfg.mix.fmix_alpha},
             **teacher_record(cfg), history=prog.history)
         accelerator.print(f"{name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
     checkpoints.clear()  # the run is complete: its files above are the result
@@ -248,7 +250,7 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
                       eval_augment=cfg.augment.eval)
     accelerator.wait_for_everyone()
 
-    start_tracking(accelerator, "teacher")
+    start_tracking(accelerator, "teacher", hparams(recipe, "teacher"))
     scores = {d: evaluate_dir(recipe, accelerator, d, val_split, num_classes) for d in [out_dir, *members]}
     for d in members:
         accelerator.print(f"member {d}: val top1 {scores[d]['top1']:.4f} macro_f1 {scores[d]['macro_f1']:.4f}")

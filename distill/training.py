@@ -117,6 +117,13 @@ def select(accelerator, prog: Progress, metrics: dict, epoch: int, cfg, label: s
     return False
 
 
+def schedule_after_eval(scheduler, metrics: dict, epoch: int, cfg) -> None:
+    """Tell the lr schedule how the evaluation after `epoch` scored on `select_by` (higher is better, so a lower-
+    is-better metric is negated): `optim.schedule: plateau` decays the lr when it stalls; the others ignore it."""
+    score = metrics[cfg.select_by]
+    scheduler.step(epoch + 1, -score if cfg.select_by in LOWER_IS_BETTER else score)
+
+
 def save_epoch(checkpoints: Checkpoints, stop: StopSignal, prog: Progress, epoch: int, ema=None) -> None:
     """The state at the epoch's end (after the best checkpoint, which it records); stop here on a signal."""
     planned_stop(checkpoints.where, prog.step, "epoch")  # tests: a kill after the best checkpoint, before this

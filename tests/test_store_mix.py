@@ -245,3 +245,17 @@ def test_a_run_on_a_mixed_store_trains_every_kind_of_student(tmp_path):
 def test_inspect_names_the_mixing(digits_store):
     text = store.summary(digits_store.out)
     assert "mix          exact: MixUp α 0.4, CutMix α 1.0, prob 0.8" in text and "larger share of a mix" in text
+
+
+def test_repeated_copies_of_an_image_replay_different_stored_views(digits_store):
+    from distill.loaders import REPEAT_STREAM
+    ds = store.ReplayDataset(digits_store.reader, digits_store.samples, PRE16, seed=3)
+    for epoch in (0, 5):
+        ds.set_epoch(epoch)
+        first = [ds.view_of(i) for i in range(len(ds))]
+        copies = []
+        for r in range(3):  # targets.views = 3: three copies, three different views
+            ds.set_epoch(epoch + r * REPEAT_STREAM)
+            copies.append([ds.view_of(i) for i in range(len(ds))])
+        assert copies[0] == first  # copy 0 is the plain draw (no repeats: nothing changes)
+        assert all(len({c[i] for c in copies}) == 3 for i in range(len(ds)))

@@ -19,7 +19,8 @@ class Ensemble(nn.Module):
     """Several classifiers of the same classes as one model. The input is normalised for the ensemble's
     preprocessing; each member gets it at its own input size and normalisation (crop differences are not
     redone). The output: log of the mean softmax probability (combine "probs": a proper mixture, so NLL and
-    a later softmax(· / T) keep their meaning) or the mean logit ("logits")."""
+    a later softmax(· / T) keep their meaning), the mean logit ("logits"), or the log of the smoothed vote
+    shares ("vote", `vote_log_probs`)."""
 
     def __init__(self, members: list[tuple[nn.Module, Preprocess]], pre: Preprocess, combine: str):
         super().__init__()
@@ -42,7 +43,31 @@ class Ensemble(nn.Module):
         outs = torch.stack([m(self.member_input(x, p)).float() for m, p in zip(self.members, self.pres)])
         if self.combine == "logits":
             return outs.mean(0)
+        if self.combine == "vote":
+            return vote_log_probs(outs)
         return torch.logsumexp(torch.log_softmax(outs, -1), 0) - math.log(len(outs))
+
+
+VOTE_PRIOR = 0.5  # β: the mean probability's weight in pseudo-votes; below 1, so it only ever breaks ties
+
+
+def vote_log_probs(outs: torch.Tensor) -> torch.Tensor:
+    """Hard voting of M members' logits [M, B, K]: each member votes for its argmax, and the output [B, K] is
+
+        log p_k,   p_k = (v_k + β · m_k) / (M + β)
+
+    with v_k the votes for class k and m_k the members' mean softmax probability (β = `VOTE_PRIOR` = 0.5). The
+    argmax of p is the class with the most votes; a tie goes to the tied class with the larger mean probability
+    (β · |m_a - m_b| < 1 can never outweigh one vote), and only an exact tie of both to the lower index. p is a
+    distribution, so NLL and ECE stay defined; but it is nearly a histogram of M votes: it carries little of
+    the between-class similarity ("dark knowledge") that KD transfers, which is why a store of a voting
+    ensemble's targets is refused (recipe/loading.py). Computed in log space, so no class gets -inf.
+    """
+    m = outs.shape[0]
+    log_probs = torch.log_softmax(outs, -1)
+    votes = torch.nn.functional.one_hot(outs.argmax(-1), outs.shape[-1]).sum(0).to(log_probs.dtype)
+    log_prior = torch.logsumexp(log_probs, 0) - math.log(m) + math.log(VOTE_PRIOR)  # log(β · m_k)
+    return torch.logaddexp(votes.log(), log_prior) - math.log(m + VOTE_PRIOR)
 
 
 class OutOfFold(nn.Module):

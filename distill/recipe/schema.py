@@ -121,6 +121,15 @@ class OptimConfig:
     scale_lr: bool = False
     warmup_epochs: float = field(default=0.0, metadata=_non_negative())
     min_lr: float = field(default=1e-6, metadata=_non_negative())
+    # after the warm-up: cosine to min_lr; step: lr × step_gamma at each of step_epochs (or every step_every
+    # epochs); plateau: lr × plateau_gamma after plateau_patience evaluations without a better `select_by`
+    # (step and plateau stop at min_lr)
+    schedule: Literal["cosine", "step", "plateau"] = "cosine"
+    step_epochs: list[float] = field(default_factory=list)
+    step_every: float | None = field(default=None, metadata=_positive())
+    step_gamma: float = field(default=0.1, metadata=_open_unit())
+    plateau_patience: int = field(default=2, metadata=_at_least(1))
+    plateau_gamma: float = field(default=0.1, metadata=_open_unit())
     clip_grad: float | None = field(default=None, metadata=_positive())
     grad_accum: int = field(default=1, metadata=_at_least(1, 4096))
     # steps with a non-finite loss to skip (no update) before the run stops with an error; 0: stop at the first
@@ -131,7 +140,12 @@ class OptimConfig:
 class MixConfig:
     mixup_alpha: float = field(default=0.0, metadata=_non_negative())
     cutmix_alpha: float = field(default=0.0, metadata=_non_negative())
-    # probability that a batch is mixed at all, and that a mixed batch uses CutMix when both are on
+    # FMix (Harris et al. 2020): the partner's pixels where a random low-frequency mask is off, λ ~ Beta(α, α)
+    # the share kept; decay power δ: the mask's spectrum falls as 1/f^δ (larger: fewer, smoother blobs)
+    fmix_alpha: float = field(default=0.0, metadata=_non_negative())
+    fmix_decay_power: float = field(default=3.0, metadata=_positive())
+    # probability that a batch is mixed at all, and that a mixed batch leaves MixUp for a region mode (CutMix or
+    # FMix) when MixUp and one of them are on; CutMix and FMix, both on, get an equal chance (mix.mix_mode)
     prob: float = field(default=1.0, metadata=_unit())
     switch_prob: float = field(default=0.5, metadata=_unit())
 
@@ -191,8 +205,13 @@ class TeacherConfig:
     # more members for the teacher ensemble: model directories trained elsewhere on the same classes
     # (e.g. runs/other/teacher); their own preprocessing is applied inside the ensemble
     ensemble_with: list[str] = field(default_factory=list)
-    # how members are combined: probs = mean of softmax probabilities (the output is its log), logits = mean logit
-    ensemble_combine: Literal["probs", "logits"] = "probs"
+    # how members are combined: probs = mean of softmax probabilities (the output is its log), logits = mean logit,
+    # vote = hard majority vote (ties: the larger mean probability; models/ensemble.py), evaluation only: a store
+    # of its targets is refused
+    ensemble_combine: Literal["probs", "logits", "vote"] = "probs"
+    # repeated augmentation (Hoffer et al. 2020; DeiT): each image of an epoch comes in this many differently
+    # augmented copies, spread over the processes; epochs keep their length (1 / repeated_aug of the images each)
+    repeated_aug: int = field(default=1, metadata=_at_least(1, 64))
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -287,6 +306,8 @@ class StudentConfig:
     eval_every: int = field(default=1, metadata=_at_least(1))
     select_by: Literal["top1", "macro_f1", "nll"] = "top1"
     patience: int | None = field(default=None, metadata=_at_least(1))  # early stopping, as teacher.patience
+    # repeated augmentation, as teacher.repeated_aug: each copy replays a stored view drawn for it (loaders.py)
+    repeated_aug: int = field(default=1, metadata=_at_least(1, 64))
     imbalance: ImbalanceConfig = ImbalanceConfig()
     ema: float | None = field(default=None, metadata=_open_unit())  # EMA decay of the weights (timm ModelEmaV3)
     zero_init_last_bn: bool | None = None  # timm's zero_init_last: residual blocks start as identity
@@ -298,7 +319,9 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    tensorboard: bool = True
+    # accelerate's trackers (distill/trackers.py): tensorboard, wandb, mlflow, trackio, aim, comet_ml, ...
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # older recipes: false removes tensorboard from `trackers` (true adds nothing)
     every_steps: int = field(default=10, metadata=_at_least(1))
     progress: bool = True
 
@@ -320,6 +343,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`distill sweep`: Optuna searches one student's settings over the run's store (the teacher never runs again);
+    each trial is a student of its own, students/<student>-trial-<n>/."""
+
+    student: str | None = None  # null: the first student with kd.loss other than none
+    trials: int = field(default=20, metadata=_at_least(1, 100_000))  # COMPLETE trials to reach (--trials)
+    # the score of a trial's best checkpoint to optimise; null: the student's select_by (nll and ece: minimised)
+    metric: Literal["top1", "top5", "macro_f1", "nll", "ece"] | None = None
+    seed: int | None = None  # the TPE sampler's seed; null: the recipe's seed
+    # a dotted path inside a student config -> {low, high[, log][, step]} (a number field) or {choices: [...]}
+    # (checked against the student's own field: distill.recipe.loading.sweep_space)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     seed: int = 0
@@ -331,6 +369,7 @@ class Recipe:
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tta: TTAConfig = TTAConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @property
     def run_dir(self) -> Path:

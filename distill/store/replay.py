@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from distill.data import Preprocess
 from distill.errors import DistillError
+from distill.loaders import REPEAT_STREAM
 from distill.store.augment import augment, check_augment
 from distill.store.mixing import NO_PARTNER, mix_views
 from distill.store.reader import TargetStore
@@ -53,7 +54,11 @@ class ReplayDataset(Dataset):
     def view_of(self, i: int) -> int:
         if self.view == "center":
             return self.store.manifest["center_view"]
-        return int(np.random.default_rng([self.seed, self.epoch, i]).integers(self.store.views))
+        # repeated augmentation (loaders.RepeatedViews) sets epoch e + r · REPEAT_STREAM for copy r of an image:
+        # copies take the next stored views after copy 0's, so the R copies in a batch are R different views
+        copy, epoch = divmod(self.epoch, REPEAT_STREAM)
+        first = int(np.random.default_rng([self.seed, epoch, i]).integers(self.store.views))
+        return (first + copy) % self.store.views
 
     def __getitem__(self, i: int):
         row = self.store.row(i, self.view_of(i), self.temperature, self.standardized)
