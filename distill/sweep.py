@@ -36,7 +36,7 @@ from distill.errors import DistillError, Interrupted, exit_on_error
 from distill.kd import check_kd, chosen_students, open_store, student_accelerator, student_fingerprint
 from distill.learn import train_student
 from distill.recipe import apply_override, load_recipe, recipe_from_dict, to_plain
-from distill.recipe.loading import sweep_space
+from distill.recipe.sweep_space import sweep_space
 from distill.runs import stage_fingerprint, write_json
 
 MAX_FAILURES_IN_A_ROW = 5

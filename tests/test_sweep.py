@@ -13,7 +13,7 @@ import yaml
 
 from distill.errors import DistillError, Interrupted
 from distill.recipe import load_recipe, recipe_from_dict
-from distill.recipe.loading import sweep_space
+from distill.recipe.sweep_space import sweep_space
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -353,7 +353,7 @@ class SweepConfig:
     metric: Literal["top1", "top5", "macro_f1", "nll", "ece"] | None = None
     seed: int | None = None  # the TPE sampler's seed; null: the recipe's seed
     # a dotted path inside a student config -> {low, high[, log][, step]} (a number field) or {choices: [...]}
-    # (checked against the student's own field: distill.recipe.loading.sweep_space)
+    # (checked against the student's own field: distill.recipe.sweep_space.sweep_space)
     params: dict[str, Any] = field(default_factory=dict)
 
 
