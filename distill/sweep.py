@@ -146,6 +146,8 @@ def trial_recipe(recipe, index: int, name: str, params: dict):
     raw = to_plain(recipe)
     student = raw["students"][index]
     student.update(name=name, fixres=None)
+    if raw.get("sweep", {}).get("student") is not None:
+        raw["sweep"]["student"] = name  # the base student is gone from the trial's recipe
     for path, value in params.items():
         apply_override(student, f"{path}={json.dumps(value)}")  # JSON scalars are YAML too
     return recipe_from_dict(raw)

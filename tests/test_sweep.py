@@ -294,3 +294,17 @@ def test_sweep_needs_ranges_and_a_kd_student(tmp_path):
     assert sweep.swept_student(recipe_from_dict(raw), "kd").name == "kd"
     with pytest.raises(DistillError, match="--student: no student 'x'"):
         sweep.swept_student(recipe_from_dict(raw), "x")
+
+
+def test_a_trial_recipe_of_a_named_sweep_student_is_valid():
+    """With `sweep.student` named in the recipe (the quickstart's), the trial's recipe replaces that student and
+    still loads: its sweep section names the trial."""
+    from distill.sweep import trial_recipe
+    recipe = recipe_from_dict(recipe_with({"student": "kd", "params": PARAMS}))
+    trial = trial_recipe(recipe, 0, "kd-trial-0", {"kd.temperature": 2.0, "kd.weight": 0.3})
+    assert [s.name for s in trial.students] == ["kd-trial-0"] and trial.students[0].kd.temperature == 2.0
+    assert trial.students[0].fixres is None and trial.sweep.student == "kd-trial-0"
+    # the quickstart's own sweep section, as `distill sweep recipes/quickstart.yaml` reads it
+    qs = load_recipe("recipes/quickstart.yaml")
+    index = [s.name for s in qs.students].index(qs.sweep.student)
+    assert trial_recipe(qs, index, "kd-trial-0", {"kd.loss": "dist"}).students[index].kd.loss == "dist"
