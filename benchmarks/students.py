@@ -215,8 +215,9 @@ def report(args, out: Path, recipes: dict, full: dict, timings: dict, loads: tup
     first = next(iter(recipes.values()))
     teacher = json.loads((out / first["name"] / "teacher" / "metrics.json").read_text())
     manifests = {run: json.loads((out / run / "targets" / "manifest.json").read_text()) for run in recipes}
-    runs = {v: [(r, s["name"]) for r in recipes for s in recipes[r]["students"] if s["name"].startswith(f"{v}-s")]
-            for v in VARIANTS}
+    # the students that finished (a run stopped early reports the seeds it has; the header says how many)
+    runs = {v: [(r, s["name"]) for r in recipes for s in recipes[r]["students"] if s["name"].startswith(f"{v}-s")
+                and (out / r / "students" / s["name"] / "metrics.json").is_file()] for v in VARIANTS}
     variants = [v for v in VARIANTS if runs[v]]
     metrics = {(r, n): json.loads((out / r / "students" / n / "metrics.json").read_text())
                for v in variants for r, n in runs[v]}
@@ -235,7 +236,8 @@ def report(args, out: Path, recipes: dict, full: dict, timings: dict, loads: tup
     m0 = next(iter(manifests.values()))
     unlabeled = max(m["num_samples"] - m["num_labeled"] for m in manifests.values())
     lines.append(f"data: {m0['num_labeled']} labeled training images (stratified), {unlabeled} unlabeled for the "
-                 f"transfer variant; accuracy on all {n_test} test images; {args.seeds} seed(s)\n")
+                 f"transfer variant; accuracy on all {n_test} test images; seeds finished per variant: "
+                 + ", ".join(f"{v} {len(runs[v])}" for v in variants) + "\n")
     s0 = first["students"][0]
     views = first["targets"]
     lines.append(f"students: {s0['model']} at {s0['resolution']} px, {s0['epochs']} epochs, batch {s0['batch_size']}, "
@@ -368,7 +370,8 @@ def main():
                    for p in [out / f"{run}.yaml"] if p.is_file()}
         first = next(iter(recipes))
         start = time.perf_counter()
-        names = [f"{first}/teacher"] + [f"{r}/students/{s['name']}" for r in recipes for s in recipes[r]["students"]]
+        names = [f"{first}/teacher"] + [f"{r}/students/{s['name']}" for r in recipes for s in recipes[r]["students"]
+                                        if (out / r / "students" / s["name"] / "metrics.json").is_file()]
         full = evaluate_on_full_test(out, names)
         timings["eval"] = time.perf_counter() - start
         print(report(args, out, recipes, full, timings, (loads[0], os.getloadavg()[0])))
