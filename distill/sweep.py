@@ -38,6 +38,7 @@ from distill.learn import train_student
 from distill.recipe import apply_override, load_recipe, recipe_from_dict, to_plain
 from distill.recipe.sweep_space import sweep_space
 from distill.runs import stage_fingerprint, write_json
+from distill.store.export import broadcast
 
 MAX_FAILURES_IN_A_ROW = 5
 MINIMISED = ("nll", "ece")  # the other scores are maximised
@@ -79,7 +80,7 @@ def main(argv=None):
             trial, plan = None, None
             if main_process:
                 trial, plan = next_trial(study, space, want, base.name, failures, last_error)
-            plan = _broadcast(plan, accelerator)
+            plan = broadcast(plan, accelerator)
             if plan is None:
                 break
             if "stop" in plan:
@@ -263,15 +264,6 @@ def _states():
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _broadcast(value, accelerator):
-    """The main process's `value` on every process."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
 
 
 if __name__ == "__main__":

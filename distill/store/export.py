@@ -136,7 +136,7 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
     fp = fingerprint(teacher["sha256"], data_fp, views, logit_spec, spec.shard_size)
     state = prepare_store(out, fp, rebuild, what) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    state = _broadcast(state, accelerator)
+    state = broadcast(state, accelerator)
     if state == "done":
         accelerator.print(f"targets: {out} is complete and matches the teacher; nothing to export")
         return read_manifest(out)
@@ -203,7 +203,8 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
     return manifest if manifest is not None else read_manifest(out)
 
 
-def _broadcast(value, accelerator):
+def broadcast(value, accelerator):
+    """The main process's `value` on every process (export's decision, a sweep's trial)."""
     if accelerator.num_processes == 1:
         return value
     from accelerate.utils import broadcast_object_list
