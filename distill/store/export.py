@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from distill.data import Preprocess
 from distill.errors import DistillError
-from distill.mix import mix_enabled
 from distill.runs import write_json
 from distill.store.diagnostics import diagnostics
+from distill.store.mixing import store_mixes
 from distill.store.reader import TargetStore
 from distill.store.samples import Samples, dataset_fingerprint, fingerprint, logits_spec, view_spec
 from distill.store.shards import (
@@ -78,8 +78,8 @@ def bytes_per_view(logit_spec: dict, num_classes: int, augmented: bool = False, 
 def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int | None = None) -> str:
     """The store's size, as one line to print; a DistillError when the `rows` still to write (all of them by
     default) do not fit on the disk that holds `out`. teach.py asks before fine-tuning, export before writing."""
-    mixed = getattr(spec, "mix", None) is not None and mix_enabled(spec.mix)
-    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)), mixed)
+    per_view = bytes_per_view(logits_spec(spec, num_classes), num_classes, bool(getattr(spec, "augment", None)),
+                              store_mixes(spec))
     total = num_samples * (spec.views + 1)
     rows = total if rows is None else rows
     disk = _existing_parent(out)

@@ -72,10 +72,18 @@ def mix_views(own: torch.Tensor, partner: torch.Tensor, mix: np.ndarray) -> tupl
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
-def mix_spec(cfg) -> dict | None:
-    """The store's view_spec entry for `targets.mix` (None when off, so the fingerprint of an unmixed store stays)."""
-    if not mix_enabled(cfg):
+def store_mixes(spec) -> bool:
+    """Whether a targets spec mixes its views (`targets.mix` on; a spec without the key does not)."""
+    cfg = getattr(spec, "mix", None)
+    return cfg is not None and mix_enabled(cfg)
+
+
+def mix_spec(spec) -> dict | None:
+    """The store's view_spec entry for `targets.mix` of a targets spec (None when off, so the fingerprint of an
+    unmixed store stays)."""
+    if not store_mixes(spec):
         return None
+    cfg = spec.mix
     return {"mixup_alpha": cfg.mixup_alpha, "cutmix_alpha": cfg.cutmix_alpha, "prob": cfg.prob,
             "switch_prob": cfg.switch_prob, "sampler": "pair-v1", "columns": {"partner": ["sample", "view"],
                                                                             "mix": list(MIX_COLUMNS)}}

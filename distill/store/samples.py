@@ -54,7 +54,7 @@ def view_spec(spec, seed: int) -> dict:
         # the replayed augmentation, defaults filled in, and the per-row seed column it is drawn from; without it
         # the spec (so the fingerprint) stays what it was
         views.update(augment=augment, augment_sampler="replay-v1", seed_column="seed")
-    mix = mix_spec(getattr(spec, "mix", None)) if getattr(spec, "mix", None) is not None else None
+    mix = mix_spec(spec)
     if mix is not None:  # targets.mix: likewise only in a mixed store's spec
         views["mix"] = mix
     return views

@@ -11,9 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import INTERPOLATIONS, Preprocess
-from distill.mix import mix_enabled
 from distill.store.augment import NO_AUGMENT, augment, check_augment, view_seed
-from distill.store.mixing import NO_PARTNER, UNMIXED, draw_mix, mix_views
+from distill.store.mixing import NO_PARTNER, UNMIXED, draw_mix, mix_views, store_mixes
 
 if TYPE_CHECKING:
     from distill.store.samples import Samples
@@ -134,7 +133,7 @@ class TeacherViews(Dataset):
         label = int(self.samples.labels[i])
         partners = np.full((len(x), 2), NO_PARTNER, np.int64)
         mixes = np.tile(UNMIXED, (len(x), 1))
-        if self.mix is not None and mix_enabled(self.mix):
+        if store_mixes(self.spec):
             for v in range(self.spec.views):  # the center view (last) is never mixed
                 partners[v], mixes[v] = draw_mix(self.mix, self.seed, i, v, self.samples.num_labeled,
                                                  len(self.samples), self.spec.views)
