@@ -69,6 +69,8 @@ def load_run(run_dir: Path):
         raise DistillError(f"{run_dir}: not a run directory (no config.yaml); give runs/<name>, written by "
                            "distill run or distill teach")
     recipe = load_recipe(run_dir / "config.yaml")
+    from distill import results
+    results.check(run_dir / "teacher")  # its oof logits and store are a finished teacher's, or nothing to audit
     train, val = load_splits(recipe.data)
     return recipe, train, val
 

@@ -1,10 +1,12 @@
 """Entry: one comparison table of the teacher and every student of one or more run directories.
 
-    python -m distill.compare runs/<recipe> [more run dirs ...] [--no-speed] [--no-tta]
+    python -m distill.compare runs/<recipe> [more run dirs ...] [--no-speed] [--no-tta] [--out DIR]
     distill compare runs/<recipe> [...]
 
-Writes <first run dir>/comparison.{md,csv}, an accuracy-vs-latency plot, and TensorBoard (tb/compare:
-the table as text, one hparams entry per model, the plot and the confusion matrices as images).
+Writes comparison.{md,csv}, an accuracy-vs-latency plot, and TensorBoard (tb/compare: the table as text, one
+hparams entry per model, the plot and the confusion matrices as images) into --out, by default into the run
+directory when there is one run. A table of several runs is only printed without --out: it never replaces a
+run's own table. A teacher or student whose stage is under way or was interrupted is left out with one line.
 When the first run's recipe has `tta.enabled: true`, each model also gets a `<role>+tta` row: its accuracy
 with test-time augmentation on its run's validation set, and its latency and throughput with TTA.
 A model deployed with `distill deploy` (a deploy/deploy.json of its current weights) also gets the ONNX Runtime
@@ -29,7 +31,7 @@ if __name__ == "__main__" and not __package__:
 import numpy as np
 import torch
 
-from distill import trackers
+from distill import results, trackers
 from distill.deploy import deployed_speed
 from distill.errors import DistillError, exit_on_error
 from distill.models import load_for_eval, load_model
@@ -47,22 +49,27 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="run directories (runs/<recipe>)")
     p.add_argument("--no-speed", action="store_true", help="skip measuring latency and throughput")
     p.add_argument("--no-tta", action="store_true", help="no <model>+tta rows, even when the recipe enables tta")
+    p.add_argument("--out", type=Path, help="write the table, plot and TensorBoard here (default: the run's own "
+                   "directory with one run; with several runs nothing is written without --out)")
     return p.parse_args(argv)
 
 
 def find_models(run_dir: Path) -> list[tuple[str, Path]]:
-    """(role, model dir) of the teacher and each student that finished (has metrics.json)."""
-    found = []
-    if (run_dir / "teacher" / "metrics.json").is_file():
-        found.append(("teacher", run_dir / "teacher"))
-        # an ensemble teacher: each member too (k-fold teachers, models trained elsewhere)
-        for member in json.loads((run_dir / "teacher" / "metrics.json").read_text()).get("members", []):
-            found.append((f"teacher:{member['name']}", run_dir / "teacher" / member["dir"]))
+    """(role, model dir) of the teacher and each student that finished: its metrics.json describes the weights
+    on disk. A folder whose stage is under way or was interrupted is left out, with one line saying so."""
+    candidates = [("teacher", run_dir / "teacher")]
     for d in sorted((run_dir / "students").glob("*/")):
-        if (d / "metrics.json").is_file():
-            found.append((d.name, d))
-        if (d / "fixres" / "metrics.json").is_file():
-            found.append((f"{d.name}+fixres", d / "fixres"))
+        candidates += [(d.name, d), (f"{d.name}+fixres", d / "fixres")]
+    found = []
+    for role, d in candidates:
+        why = results.problem(d)
+        if why is not None:
+            print(f"warning: {role} left out: {why}", file=sys.stderr)
+        elif (d / "metrics.json").is_file():
+            found.append((role, d))
+            # an ensemble teacher: each member too (k-fold teachers, models trained elsewhere)
+            for member in json.loads((d / "metrics.json").read_text()).get("members", []) if role == "teacher" else []:
+                found.append((f"teacher:{member['name']}", d / member["dir"]))
     return found
 
 
@@ -320,7 +327,13 @@ def main(argv=None):
     if not rows:
         raise DistillError(f"{', '.join(map(str, run_dirs))}: nothing to compare; run distill teach / learn first")
     table = markdown(rows)
-    out = run_dirs[0]
+    out = args.out if args.out is not None else run_dirs[0] if len(run_dirs) == 1 else None
+    if out is None:  # a cross-run table never replaces a run's own (which `distill run` wrote with its speeds)
+        print(table)
+        print(f"not written: a table of {len(run_dirs)} runs goes where --out says (e.g. --out comparisons/"
+              f"{'-vs-'.join(d.name for d in run_dirs)})")
+        return
+    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "comparison.md", table)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")

@@ -243,8 +243,10 @@ def spread_over_classes(labels: np.ndarray, count: int) -> list[int]:
 
 def load_for_cam(role: str, model_dir: Path, classes: list[str]):
     """(model in eval mode, preprocess, model.json, target layer, eval transform) of one saved model."""
+    from distill import results
     from distill.models import load_for_eval
 
+    results.check(model_dir)  # a stage under way or interrupted: not the model its metrics describe
     model, pre, info, transform = load_for_eval(model_dir)
     if list(info["classes"]) != list(classes):
         raise DistillError(f"{model_dir}: the model's {len(info['classes'])} classes are not the {len(classes)} "

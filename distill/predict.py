@@ -21,6 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from distill import results
 from distill.errors import DistillError, exit_on_error
 from distill.recipe import Recipe, TTAConfig, load_recipe
 
@@ -243,6 +244,7 @@ def load_model_dir(model_dir: Path):
     if not model_dir.is_dir():
         raise DistillError(f"{model_dir}: no such model directory; give runs/<name>/teacher or "
                            "runs/<name>/students/<student>")
+    results.check(model_dir)  # a stage under way or interrupted: its weights are not a finished result
     return load_for_eval(model_dir)
 
 

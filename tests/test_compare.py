@@ -90,3 +90,23 @@ def test_compare_adds_a_tta_row_per_model(tiny_run, capsys):
     assert "tta: tiny/s: 30 val images x 4 views" in capsys.readouterr().out
     main([str(run), "--no-speed", "--no-tta"])
     assert (run / "comparison.csv").read_text().count("\n") == 2
+
+
+def test_a_table_of_several_runs_never_replaces_a_runs_own(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run, _ = tiny_run
+    main([str(run), "--no-speed", "--no-tta"])  # one run: its own table, as `distill run` writes it
+    own = (run / "comparison.md").read_text(), (run / "comparison.csv").read_text()
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    capsys.readouterr()
+    main([str(run), str(other), "--no-speed", "--no-tta"])
+    out = capsys.readouterr().out
+    assert "| other |" in out and "not written" in out and "--out" in out
+    assert ((run / "comparison.md").read_text(), (run / "comparison.csv").read_text()) == own
+    main([str(run), str(other), "--no-speed", "--no-tta", "--out", str(tmp_path / "both")])
+    with open(tmp_path / "both" / "comparison.csv", newline="") as f:
+        assert [(r["run"], r["role"]) for r in csv.DictReader(f)] == [("tiny", "s"), ("other", "s")]
+    assert (tmp_path / "both" / "tb" / "compare").is_dir()
+    assert ((run / "comparison.md").read_text(), (run / "comparison.csv").read_text()) == own
