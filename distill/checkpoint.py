@@ -14,6 +14,8 @@ from typing import Self
 import torch
 from safetensors.torch import load_model, save_model
 
+from distill import results
+from distill.disk import agree, check_free, full_disk_reason, remove
 from distill.errors import DistillError, Interrupted
 
 
@@ -61,6 +63,8 @@ def planned_stop(where: str, step: int, phase: str = "step") -> None:
     "students.0", "students.0.fixres") has done optimizer step `step`, before that step's checkpoint; with a
     fourth field `save`, half-way through that step's checkpoint save instead; with `epoch`, at the end of the
     epoch that step ends, after its evaluation and best checkpoint, before the epoch's state is saved."""
+    if os.environ.get("DISTILL_STOP_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return  # DISTILL_STOP_RANK=<rank>: only that process of a torchrun job stops
     for item in filter(None, os.environ.get("DISTILL_STOP_AT", "").split(",")):
         w, s, sig, *rest = item.split(":")
         if w == where and int(s) == step and (rest[0] if rest else "step") == phase:
@@ -92,19 +96,42 @@ class Checkpoints:
         return None
 
     def save(self, progress: Progress, ema=None) -> Path:
+        """Write the state (every process calls it). Refused with one line before anything is written when the
+        disk lacks room for it; a write that fails midway (a full disk) removes state.tmp/ and stops every
+        process with one line, and the previous state stays whole for --resume."""
         acc = self.accelerator
         tmp, final, old = self.dir / "state.tmp", self.dir / "state", self.dir / "state.old"
+        refused = None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed half-way
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+            try:
+                check_free(self.dir, self._state_bytes(ema), f"{self.where}: the checkpoint in {self.dir}",
+                           self._space_hint())
+            except DistillError as e:
+                refused = str(e)
+        # also the barrier before writing: state.tmp/ is gone before any process writes to it
+        refused = agree(acc, refused)
+        if refused:
+            raise DistillError(refused)
+        error = None
+        try:
+            acc.save_state(str(tmp))  # which creates state.tmp/
+            if acc.is_main_process:
+                if ema is not None:
+                    save_model(ema, str(tmp / "ema.safetensors"))
+                record = {**dataclasses.asdict(progress), "wall_seconds": progress.clock(),
+                          "fingerprint": self.fingerprint, "num_processes": acc.num_processes}
+                (tmp / "progress.json").write_text(json.dumps(record, indent=1, default=float))
+        except Exception as e:  # noqa: BLE001 - every process hears of any failure, so none waits for the others
+            error = e
+        failed = agree(acc, None if error is None else self._save_failed(tmp, final, error))
+        if failed:
+            if acc.is_main_process:
+                remove(tmp)
+            if error is not None and full_disk_reason(error) is None:
+                raise error  # not the disk: a bug keeps its traceback
+            raise DistillError(failed)
         if acc.is_main_process:
-            if ema is not None:
-                save_model(ema, str(tmp / "ema.safetensors"))
-            record = {**dataclasses.asdict(progress), "wall_seconds": progress.clock(),
-                      "fingerprint": self.fingerprint, "num_processes": acc.num_processes}
-            (tmp / "progress.json").write_text(json.dumps(record, indent=1, default=float))
             planned_stop(self.where, progress.step, "save")  # tests: a kill between the write and the renames
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -115,6 +142,33 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _state_bytes(self, ema) -> int:
+        """What a save writes: the size of the state saved before, else of the model, optimizer and EMA
+        tensors (Adam's moments included) that accelerate holds."""
+        previous = self.latest()
+        if previous is not None:
+            return sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+        acc = self.accelerator
+        tensors = [t for m in getattr(acc, "_models", []) for t in m.state_dict().values()]
+        for optimizer in getattr(acc, "_optimizers", []):
+            tensors += [t for state in optimizer.state_dict()["state"].values() for t in state.values()]
+        tensors += list(ema.state_dict().values()) if ema is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    def _space_hint(self) -> str:
+        if self.every_steps > 0:
+            return "free some space, or save less often (checkpoint.every_steps; 0: at epoch ends only)"
+        return "free some space"
+
+    def _save_failed(self, tmp: Path, final: Path, error: Exception) -> str:
+        """The line every process stops with when the save failed on one of them."""
+        kept = f"the state in {final} is kept (--resume continues from it)" if self.latest() else "no state is kept"
+        reason = full_disk_reason(error)
+        if reason is None:  # the failed process raises its own error; this is the others' line
+            return (f"{self.where}: saving the checkpoint to {tmp} failed on process "
+                    f"{self.accelerator.process_index} ({type(error).__name__}); {kept}")
+        return f"{self.where}: saving the checkpoint to {tmp} failed: {reason}; {kept}; {self._space_hint()}"
 
     def load(self, ema=None) -> Progress | None:
         """The progress of the saved state after loading it into the prepared objects (and `ema`), or None when
@@ -143,12 +197,26 @@ class Checkpoints:
         fresh Progress, after removing any old state so that it is never mixed in (and saying so)."""
         progress = self.load(ema) if resume else None
         if progress is not None:
+            if self.accelerator.is_main_process:
+                results.resumed(self.dir.parent, self.fingerprint)
             return progress
         if not resume and self.latest() is not None:
             self.accelerator.print(f"{self.where}: starting over; the saved state in {self.latest()} is removed "
                                    "(--resume continues from it)")
         self.clear()
+        if self.accelerator.is_main_process:  # until this attempt's metrics.json, the folder is INCOMPLETE
+            if (self.dir.parent / "metrics.json").is_file():
+                self.accelerator.print(f"{self.where}: the earlier result in {self.dir.parent} moves to "
+                                       f"{self.dir.parent / results.PREVIOUS}")
+            results.begin(self.dir.parent, self.fingerprint)
+        self.accelerator.wait_for_everyone()
         return Progress()
+
+    def complete(self, progress: Progress) -> None:
+        """The stage's metrics.json is written: its state is no longer needed (a kill before this point leaves
+        a complete stage with its state, which `distill run` skips and tidies)."""
+        planned_stop(self.where, progress.step, "done")  # tests: a kill between the metrics and the clearing
+        self.clear()
 
     def clear(self) -> None:
         """Remove the state: at a fresh start (so an old one is never mixed in) and once the run is complete."""

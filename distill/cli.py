@@ -29,6 +29,8 @@ COMMANDS = {
     "deploy": "a saved model as an ONNX graph taking images, checked against PyTorch and timed on CPU: distill "
               "deploy <model dir> [--format onnx] [--out DIR] [--input uint8|float] [--images DIR]",
 }
+# commands without a recipe that compute (torch threads); the recipe ones apply the recipe's `threads`
+THREADED_COMMANDS = ("compare", "inspect", "predict", "audit", "explain", "deploy")
 # commands whose whole work is one module's main(argv)
 MODULE_COMMANDS = {"teach": "distill.teach", "learn": "distill.learn", "fixres": "distill.fixres",
                    "compare": "distill.compare", "predict": "distill.predict", "diff": "distill.diff:diff_main",
@@ -41,13 +43,14 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = f"usage: distill {{{','.join(COMMANDS)}}} ...\n\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
-        usage += "\n\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml"
+        usage += ("\n\nEvery command takes --threads N: CPU threads per process (default: the recipe's `threads`, "
+                  "auto)\nMulti-process or GPU: accelerate launch distill/teach.py recipe.yaml")
         if argv and argv[0] not in ("-h", "--help"):
             raise DistillError(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
                                "(distill --help)")
         print(usage)
         return None
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], threads_option(argv[0], argv[1:])
     if command == "inspect":
         from distill import store
         parser = argparse.ArgumentParser(prog="distill inspect", description=COMMANDS["inspect"])
@@ -65,13 +68,36 @@ def main(argv=None):
     return run(rest)
 
 
+def threads_option(command: str, argv: list[str]) -> list[str]:
+    """`argv` without `--threads N`, which any command takes: N goes to DISTILL_THREADS, so it beats a recipe's
+    `threads` and reaches child processes (accelerate, torchrun); a command that computes without a recipe
+    applies it (or `auto`) here, before its work starts (the recipe commands apply theirs after loading it)."""
+    import os
+
+    from distill import threads
+
+    rest, value, args = [], None, iter(argv)
+    for arg in args:
+        if arg == "--threads" or arg.startswith("--threads="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+        else:
+            rest.append(arg)
+    if value is not None:
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise DistillError(f"--threads: expected an integer >= 1 or auto, got {value!r}")
+        os.environ[threads.ENV] = value
+    threads.passive_when_busy()  # before torch is imported, or never
+    if command in THREADED_COMMANDS:
+        threads.apply()
+    return rest
+
+
 def run(argv) -> None:
     """teach (+ export) → every student; a stage complete for this recipe is skipped, so a re-run resumes."""
 
-    from distill import teach
     from distill.models import check_model_name
     from distill.recipe import load_recipe
-    from distill.runs import finished
+    from distill.runlock import one_writer
 
     parser = argparse.ArgumentParser(prog="distill run", description=COMMANDS["run"])
     parser.add_argument("recipe")
@@ -84,6 +110,14 @@ def run(argv) -> None:
     check_model_name(recipe.teacher.model, "teacher")
     for i, student in enumerate(recipe.students):
         check_model_name(student.model, f"students.{i}")
+    with one_writer(recipe.run_dir):  # before any stage: a second `distill run` of this recipe stops here
+        run_stages(recipe, args)
+
+
+def run_stages(recipe, args) -> None:
+    from distill import results, teach
+    from distill.runs import finished
+
     base, run_dir = [args.recipe, *args.overrides], recipe.run_dir
 
     print(f"== teach: {run_dir / 'teacher'}", flush=True)
@@ -94,6 +128,7 @@ def run(argv) -> None:
                            "retrain it (its soft targets are rebuilt too)")
     if done and args.start != "teach":
         print("teacher complete for this recipe: skipped", flush=True)
+        results.tidy(run_dir / "teacher")
         if recipe.targets.export:
             with stage("export"):
                 teach.main([*base, "--export-only"])  # finishes an interrupted export, else a no-op
@@ -115,7 +150,7 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
     import json
     from pathlib import Path
 
-    from distill import fixres, learn
+    from distill import fixres, learn, results
     from distill.kd import fixres_fingerprint, student_fingerprint
     from distill.runs import finished
 
@@ -129,11 +164,14 @@ def learn_students(recipe, base: list[str], start: str | None) -> None:
         if start is not None or not finished(student_dir / "metrics.json",
                                              student_fingerprint(recipe, student, store_fp)):
             train += ["--student", student.name]  # its FixRes stage, if any, follows it
-        elif student.fixres is not None and not finished(student_dir / "fixres" / "metrics.json",
-                                                         fixres_fingerprint(recipe, student, store_fp)):
+            continue
+        results.tidy(student_dir)  # complete: a state left by a kill after its metrics.json goes
+        if student.fixres is not None and not finished(student_dir / "fixres" / "metrics.json",
+                                                       fixres_fingerprint(recipe, student, store_fp)):
             print(f"student {student.name} complete for this recipe: skipped; its FixRes stage runs", flush=True)
             fixres_only += ["--student", student.name]
         else:
+            results.tidy(student_dir / "fixres")
             print(f"student {student.name}{' (+ FixRes)' if student.fixres else ''} complete for this recipe: "
                   "skipped", flush=True)
     with stage("learn"):

@@ -37,7 +37,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     """Metrics from logits [N, K] and labels [N].
 
     - top1, top5: fraction of samples whose label is among the k highest logits (k = min(5, K)).
-    - macro_f1: mean F1 over the classes present in labels or predictions (sklearn's default set).
+    - macro_f1: mean F1 over the classes present in the labels (distill.record.MACRO_F1_OVER): a class with no
+      validation image has no F1 to average, even when predicted (sklearn's default set counts it as F1 = 0);
+      macro_f1_classes is how many classes that is.
     - nll: mean -log softmax(z)_y.
     - ece: Σ_b (n_b / N) · |accuracy_b - confidence_b| over `n_bins` equal-width bins of max-probability.
     - per_class_recall[k]: recall of class k (None when class k has no sample).
@@ -56,11 +58,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros_like(tp))
-    present = (support > 0) | (predicted > 0)
+    present = support > 0
     return {
         "top1": correct.double().mean().item(),
         "top5": topk.eq(labels.unsqueeze(1)).any(1).double().mean().item(),
         "macro_f1": f1[present].mean().item(),
+        "macro_f1_classes": int(present.sum()),
         "nll": F.cross_entropy(logits, labels).item(),
         "ece": expected_calibration_error(conf, correct, n_bins),
         "per_class_recall": [r.item() if s > 0 else None for r, s in zip(recall, support)],

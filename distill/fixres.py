@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import Subset
 
-from distill import training
+from distill import threads, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import DistillError, exit_on_error
@@ -41,6 +41,7 @@ from distill.models import count_params, load_model, save_model
 from distill.optim import make_optimizer, make_scheduler
 from distill.recipe import OptimConfig, load_recipe, to_plain
 from distill.record import SCORES, write_metrics
+from distill.runlock import one_writer
 from distill.runs import hparams, log_hparams, start_tracking
 from distill.store import ReplayDataset
 
@@ -62,6 +63,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    threads.apply(recipe.threads)  # before any parallel work (distill/threads.py)
+    with one_writer(recipe.run_dir):
+        fixres_stages(recipe, args)
+
+
+def fixres_stages(recipe, args):
     students = [s for s in chosen_students(recipe, args.student) if s.fixres is not None]
     for st in students:
         if not (recipe.run_dir / "students" / st.name / "metrics.json").is_file():
@@ -157,6 +164,7 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
     scheduler = make_scheduler(optimizer, optim, lr, total_updates, len(train_loader))
 
     def evaluate_both() -> dict:
+        accelerator.print(f"fixres {cfg.name}: evaluating at {' and '.join(f'{r}px' for r in val_loaders)}", flush=True)
         return {res: evaluate(model, loader, accelerator, num_classes) for res, loader in val_loaders.items()}
 
     # the state is saved at epoch ends only (and on a signal): a FixRes stage is short
@@ -181,9 +189,9 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
             for m in trained:
                 m.train()
             started, images = time.perf_counter(), 0
-            for i, batch in training.resumable_batches(accelerator, train_loader, sampler, replay, prog, epoch,
-                                                       f"{cfg.name} fixres {epoch + 1}/{fx.epochs}",
-                                                       recipe.log.progress):
+            batches = training.resumable_batches(accelerator, train_loader, sampler, replay, prog, epoch, fx.epochs,
+                                                 f"{cfg.name} fixres", recipe.log)
+            for i, batch in batches:
                 x, y = batch[:2]
                 target, _ = batch_target(batch, None, teacher, kd, temperature, accelerator)
                 parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, None,
@@ -201,6 +209,7 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
                 scheduler.step_update(prog.step)
                 training.log_step(accelerator, parts, optimizer, prog.step, recipe.log.every_steps, total_updates,
                                   prefix="fixres")
+                batches.report(parts["loss"])  # a plain line where no progress bar shows
                 training.save_when_due(checkpoints, stop, prog, epoch, i + 1)
             training.end_epoch(prog, epoch, started, images)
             training.save_epoch(checkpoints, stop, prog, epoch)
@@ -229,7 +238,7 @@ def fixres_student(recipe, cfg, index, store, samples, val_split, classes, accel
             **{k: student.get(k) for k in INHERITED}, student=f"{cfg.name}+fixres", resolution=hi,
             train_resolution=lo, fixres={**to_plain(fx), **table}, trainable_params=sum(p.numel() for p in params),
             renormalised_layers=len(bn), fixres_seconds=fixres_seconds, num_processes=accelerator.num_processes)
-    checkpoints.clear()  # the stage is complete: its files above are the result
+    checkpoints.complete(prog)  # the stage is complete: its files above are the result
     log_hparams(accelerator, {**hparams(recipe, "student", cfg), "fixres_resolution": hi},
                 {k: after[hi][k] for k in SCORES})
     accelerator.free_memory()

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 from torch.utils.data import Subset
 
-from distill import fixres, policy, training
+from distill import fixres, policy, threads, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform
 from distill.errors import exit_on_error
@@ -43,6 +43,7 @@ from distill.models import build_model, count_params, param_groups, save_model
 from distill.optim import make_optimizer, make_scheduler
 from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.record import SCORES, write_metrics
+from distill.runlock import one_writer
 from distill.runs import hparams, log_hparams, start_tracking, write_text
 from distill.store import ReplayDataset
 
@@ -65,6 +66,12 @@ def main(argv=None):
     if args.fixres_only:
         return fixres.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--fixres-only"])
     recipe = load_recipe(args.recipe, args.overrides)
+    threads.apply(recipe.threads)  # before any parallel work (distill/threads.py)
+    with one_writer(recipe.run_dir):
+        learn(recipe, args)
+
+
+def learn(recipe, args):
     students = chosen_students(recipe, args.student)
     accelerator = student_accelerator(recipe, students)
     store, samples, val_split, classes = open_store(recipe, accelerator)  # checked before anything is written
@@ -130,8 +137,9 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         for epoch in training.epochs(prog, cfg.epochs):
             model.train()
             started, images = time.perf_counter(), 0
-            for i, batch in training.resumable_batches(accelerator, train_loader, sampler, replay, prog, epoch,
-                                                       f"{cfg.name} {epoch + 1}/{cfg.epochs}", recipe.log.progress):
+            batches = training.resumable_batches(accelerator, train_loader, sampler, replay, prog, epoch, cfg.epochs,
+                                                 cfg.name, recipe.log)
+            for i, batch in batches:
                 x, y = batch[0], batch[1]
                 with accelerator.accumulate(model):
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
@@ -159,6 +167,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model), step=prog.step)
                 training.log_step(accelerator, parts, optimizer, prog.step, recipe.log.every_steps, total_updates)
+                batches.report(parts["loss"])  # a plain line where no progress bar shows
                 training.save_when_due(checkpoints, stop, prog, epoch, i + 1, ema)
             training.end_epoch(prog, epoch, started, images)
 
@@ -189,7 +198,7 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
             **decision, mix_approx_kl=float(np.mean(mix_kl)) if mix_kl else None, train_images=len(train_ds),
             teacher_top1_center=store.manifest.get("diagnostics", {}).get("top1_center"), history=prog.history)
         accelerator.print(f"student {cfg.name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
-    checkpoints.clear()  # the student is complete: its files above are the result
+    checkpoints.complete(prog)  # the student is complete: its files above are the result
     log_hparams(accelerator, hparams(recipe, "student", cfg), {k: best[k] for k in SCORES})
     accelerator.free_memory()
     return best

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from distill import threads
+
 # repeat r >= 1 of an image in epoch e is drawn as the image in the epoch stream e + r · REPEAT_STREAM: no real epoch
 # gets there (np.random.SeedSequence takes any non-negative integer)
 REPEAT_STREAM = 2**32
@@ -103,6 +105,7 @@ def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int =
     and drops the last partial batch when there is more than one, because BatchNorm cannot train on a batch of
     one."""
     seed = recipe.seed if seed is None else seed
+    threads.workers_note(recipe.data.num_workers)
     sampler = EpochSampler(len(dataset), seed, classes, balance, repeats, batch_size, world_size) if train else None
     return DataLoader(
         RepeatedViews(dataset) if train and repeats > 1 else dataset,
@@ -110,6 +113,11 @@ def make_loader(dataset, batch_size: int, recipe, train: bool, world_size: int =
         sampler=sampler,
         drop_last=train and len(sampler) > batch_size * world_size,
         num_workers=recipe.data.num_workers,
+        # a worker computes on one thread (torch and OpenCV), the main process on its `threads`: up to threads +
+        # num_workers busy threads. Chosen so: a worker sleeps once its prefetched batches wait, so taking CPUs from
+        # the main process would slow every step for an occasional overlap; `workers_note` says so once when the
+        # sum exceeds the CPUs on a CPU-only run, where the main threads do the compute.
+        worker_init_fn=threads.worker_init,
         # not persistent: workers must see each epoch's set_epoch() (views and augmentations change per epoch)
         persistent_workers=False,
         # the workers' base seed is drawn from here, not from torch's global generator, whose state a resumed

@@ -83,6 +83,13 @@ def resumed(folder: Path, fingerprint: str) -> None:
         mark(folder, fingerprint)
 
 
+def tidy(folder: Path) -> None:
+    """A complete stage skipped by `distill run`: remove the saved state a kill left between its metrics.json
+    and clearing the state (main process only)."""
+    if int(os.environ.get("RANK", "0")) == 0 and (Path(folder) / "resume").is_dir():
+        shutil.rmtree(Path(folder) / "resume", ignore_errors=True)
+
+
 def finish(folder: Path) -> None:
     """The stage's metrics.json is written: the folder is complete."""
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from distill.errors import DistillError
 
 LOCK_NAME = ".lock"
-_held: dict[str, list] = {}  # resolved run dir -> [fd, depth, created the run dir]
+_held: dict[str, list] = {}  # resolved run dir -> [fd, depth, the folders taking the lock created]
 
 
 def _is_job_leader() -> bool:
@@ -59,8 +59,8 @@ def _describe(info: dict) -> str:
             f"({info.get('command')})")
 
 
-def _acquire(run_dir: Path) -> tuple[int, bool]:
-    created = not run_dir.exists()
+def _acquire(run_dir: Path) -> tuple[int, list[Path]]:
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     while True:
@@ -86,13 +86,14 @@ def _acquire(run_dir: Path) -> tuple[int, bool]:
         os.close(fd)
 
 
-def _release(run_dir: Path, fd: int, created: bool) -> None:
+def _release(run_dir: Path, fd: int, created: list[Path]) -> None:
     try:
         if created and {p.name for p in run_dir.iterdir()} == {LOCK_NAME}:
             # the command stopped before writing anything (a check failed): leave no trace of it
             (run_dir / LOCK_NAME).unlink()
             with contextlib.suppress(OSError):
-                run_dir.rmdir()
+                for d in created:  # the run directory, and the output_dir above it if the lock made it
+                    d.rmdir()
         else:
             os.ftruncate(fd, 0)
     except OSError:

@@ -32,11 +32,13 @@ if __name__ == "__main__" and not __package__:
 
 import torch
 
+from distill import threads
 from distill.errors import DistillError, Interrupted, exit_on_error
 from distill.kd import check_kd, chosen_students, open_store, student_accelerator, student_fingerprint
 from distill.learn import train_student
 from distill.recipe import apply_override, load_recipe, recipe_from_dict, to_plain
 from distill.recipe.sweep_space import sweep_space
+from distill.runlock import one_writer
 from distill.runs import stage_fingerprint, write_json
 from distill.store.export import broadcast
 
@@ -56,6 +58,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    threads.apply(recipe.threads)  # before any parallel work (distill/threads.py)
+    with one_writer(recipe.run_dir):
+        return sweep(recipe, args)
+
+
+def sweep(recipe, args):
     base = swept_student(recipe, args.student)
     space = sweep_space(recipe.sweep.params)
     if not space:

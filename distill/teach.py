@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from distill import store, trackers, training
+from distill import results, store, threads, trackers, training
 from distill.checkpoint import Checkpoints, StopSignal
 from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
@@ -46,6 +46,7 @@ from distill.optim import make_optimizer, make_scheduler
 from distill.policy import teacher_record
 from distill.recipe import dump_recipe, load_recipe, to_plain
 from distill.record import SCORES, write_metrics
+from distill.runlock import one_writer
 from distill.runs import finished, hparams, log_hparams, stage_fingerprint, start_tracking, write_text
 
 
@@ -73,6 +74,12 @@ def teacher_loss(logits, labels, num_classes, smoothing, mix, weights=None, gamm
 def main(argv=None):
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    threads.apply(recipe.threads)  # before any parallel work (distill/threads.py)
+    with one_writer(recipe.run_dir):
+        teach(recipe, args)
+
+
+def teach(recipe, args):
     cfg, run_dir = recipe.teacher, recipe.run_dir
     out_dir = run_dir / "teacher"
     accelerator = Accelerator(
@@ -154,8 +161,9 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
         for epoch in training.epochs(prog, cfg.epochs):
             model.train()
             started, images = time.perf_counter(), 0
-            for i, (x, y) in training.resumable_batches(accelerator, train_loader, sampler, train_ds, prog, epoch,
-                                                        f"{name} {epoch + 1}/{cfg.epochs}", recipe.log.progress):
+            batches = training.resumable_batches(accelerator, train_loader, sampler, train_ds, prog, epoch, cfg.epochs,
+                                                 name, recipe.log)
+            for i, (x, y) in batches:
                 with accelerator.accumulate(model):
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(recipe.seed, accelerator.process_index, epoch, i))
                     parts = teacher_loss(model(mix_images(x, mix)), y, num_classes, cfg.label_smoothing, mix, weights,
@@ -174,6 +182,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
                 prog.step += 1
                 scheduler.step_update(prog.step)
                 training.log_step(accelerator, parts, optimizer, prog.step, recipe.log.every_steps, total_updates)
+                batches.report(parts["loss"])  # a plain line where no progress bar shows
                 training.save_when_due(checkpoints, stop, prog, epoch, i + 1)
             training.end_epoch(prog, epoch, started, images)
 
@@ -203,7 +212,7 @@ def fit_teacher(recipe, accelerator, train_split, val_split, out_dir: Path, name
                  "fmix_alpha": cfg.mix.fmix_alpha},
             **teacher_record(cfg), history=prog.history)
         accelerator.print(f"{name} saved to {out_dir} (best epoch {best['epoch']}: top1 {best['top1']:.4f})")
-    checkpoints.clear()  # the run is complete: its files above are the result
+    checkpoints.complete(prog)  # the run is complete: its files above are the result
     log_hparams(accelerator, hparams(recipe, "teacher"), {k: best[k] for k in SCORES})
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the next fold's model and optimizer are prepared afresh
@@ -225,6 +234,8 @@ def teach_ensemble(recipe, accelerator, train_split, val_split, resume: bool, sk
     for i, d in enumerate(cfg.ensemble_with):  # before hours of training: a member that cannot join
         member_info(Path(d), classes, f"teacher.ensemble_with.{i}")
     members, heldout = [], []
+    if accelerator.is_main_process and not finished(out_dir / "metrics.json", teacher_fingerprint(recipe)):
+        results.begin(out_dir, teacher_fingerprint(recipe))  # the ensemble's files: INCOMPLETE until its metrics
     if cfg.folds:
         folds = fold_ids(train_split, cfg.folds, recipe.data.split_seed)
         for f in range(cfg.folds):
@@ -286,7 +297,7 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
     return store.export(model.to(accelerator.device), pre, store.Samples(train_split, unlabeled),
                           train_split.classes, recipe.targets, seed, recipe.run_dir / "targets", accelerator,
                           store.teacher_record(info), rebuild=rebuild, num_workers=recipe.data.num_workers,
-                          progress=recipe.log.progress)
+                          progress=recipe.log.progress, progress_seconds=recipe.log.progress_seconds)
 
 
 def teacher_fingerprint(recipe) -> str:

@@ -1,7 +1,8 @@
-"""The small pieces every training loop calls (teach, learn, fixres): resumable batches, the non-finite guard,
-logging, save-when-due and the stop signal, checkpoint selection and early stopping."""
+"""The small pieces every training loop calls (teach, learn, fixres): resumable batches with their progress,
+the non-finite guard, logging, save-when-due and the stop signal, checkpoint selection and early stopping."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -14,13 +15,78 @@ from distill.record import SCORES
 LOWER_IS_BETTER = {"nll", "ece"}
 
 
-def resumable_batches(accelerator, loader, sampler, dataset, prog: Progress, epoch: int, desc: str, show: bool):
-    """(index, batch) of `epoch`'s batches, without those a resumed run already trained on, behind a progress
-    bar (shown with `log.progress` on the main process; tqdm hides itself when stderr is not a terminal)."""
-    skip = prog.batch if epoch == prog.epoch else 0
-    bar = tqdm(epoch_batches(accelerator, loader, sampler, dataset, epoch, skip), desc=desc, leave=False,
-               initial=skip, total=len(loader), disable=None if show and accelerator.is_local_main_process else True)
-    return enumerate(bar, start=skip)
+class Batches:
+    """One epoch's (index, batch) pairs without those a resumed run already trained on, behind a progress bar
+    (`log.progress`, main process). tqdm hides the bar when stderr is not a terminal (nohup, a pipe, CI): then
+    `report` prints a plain line every `log.progress_seconds` instead (`ProgressLine`)."""
+
+    def __init__(self, accelerator, loader, sampler, dataset, prog: Progress, epoch: int, epochs: int, label: str,
+                 log):
+        self.skip = prog.batch if epoch == prog.epoch else 0
+        self.epoch, self.epochs, self.label, self.total = epoch, epochs, label, len(loader)
+        self.index, self.images, self.processes = self.skip - 1, 0, accelerator.num_processes
+        show = log.progress and accelerator.is_local_main_process
+        self.bar = tqdm(epoch_batches(accelerator, loader, sampler, dataset, epoch, self.skip),
+                        desc=f"{label} {epoch + 1}/{epochs}", leave=False, initial=self.skip, total=self.total,
+                        disable=None if show else True)
+        plain = log.progress and accelerator.is_main_process and not sys.stderr.isatty()
+        self.line = ProgressLine(log.progress_seconds) if plain else None
+
+    def __iter__(self):
+        for i, batch in enumerate(self.bar, start=self.skip):
+            self.index, self.images = i, self.images + len(batch[0]) * self.processes
+            yield i, batch
+
+    def report(self, loss) -> str | None:
+        """The plain line, when one is due: the stage, epoch, batch, this process's last loss (a GPU sync only
+        when printed, no collective), img/s and the stage's ETA (training only) at this session's speed."""
+        if self.line is None or not self.line.due():
+            return None
+        seconds, done = self.line.elapsed(), self.index + 1 - self.skip
+        left = self.total - self.index - 1 + (self.epochs - self.epoch - 1) * self.total
+        return self.line.show(f"{self.label} epoch {self.epoch + 1}/{self.epochs} batch {self.index + 1}/{self.total} "
+                              f"loss {loss.item():.4f} {self.images / seconds:.1f} img/s "
+                              f"ETA {self.line.eta(done, left)}")
+
+
+def resumable_batches(accelerator, loader, sampler, dataset, prog: Progress, epoch: int, epochs: int, label: str,
+                      log) -> Batches:
+    """`epoch`'s batches of a training loop (`Batches`); call `report(parts["loss"])` once per update."""
+    return Batches(accelerator, loader, sampler, dataset, prog, epoch, epochs, label, log)
+
+
+class ProgressLine:
+    """A plain progress line (stdout, flushed) at most every `seconds`, for logs where no bar shows."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.start = self.last = clock()
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+    def elapsed(self) -> float:
+        return max(self.clock() - self.start, 1e-9)
+
+    def eta(self, done: int, left: int) -> str:
+        """The time `left` units take at the speed of the `done` ones since the start."""
+        return duration(left * self.elapsed() / max(done, 1))
+
+    def show(self, text: str) -> str:
+        print(text, flush=True)
+        return text
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def epochs(prog: Progress, total: int) -> range:

@@ -38,7 +38,7 @@ def assert_same_run(a: Path, b: Path, parts, weights_only=()) -> None:
 
 
 # README's metrics.json contract: every model (teacher, ensemble, student, FixRes) has at least these
-CONTRACT = ("top1", "top5", "macro_f1", "nll", "ece", "params", "eval_images_per_sec", "train_images_per_sec",
+CONTRACT = ("top1", "top5", "macro_f1", "macro_f1_over", "nll", "ece", "params", "eval_images_per_sec", "train_images_per_sec",
             "epochs", "seed", "wall_seconds", "classes", "fingerprint")
 STUDENT_CONTRACT = ("kd_loss", "temperature", "kd_weight", "label_smoothing", "mix", "ls_decision", "ls_reason")
 

@@ -41,3 +41,21 @@ def test_evaluate_counts_every_sample_once():
     m = evaluate(accelerator.prepare(model), loader, accelerator, 3)
     assert m["num_images"] == 103 and sum(map(sum, m["confusion_matrix"])) == 103
     assert np.isclose(m["top1"], (model(x).argmax(1) == y).float().mean().item())
+
+
+def test_macro_f1_is_over_the_classes_present_in_the_labels():
+    # 3 classes, validation has images of classes 0 and 1 only; some predictions are class 2
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    pred = torch.tensor([0, 2, 0, 1, 1, 2])
+    m = classification_metrics(torch.nn.functional.one_hot(pred, 3).float() * 5, labels, 3)
+    assert m["macro_f1_classes"] == 2
+    assert np.isclose(m["macro_f1"], f1_score(labels, pred, labels=[0, 1], average="macro"))
+    assert m["macro_f1"] > f1_score(labels, pred, average="macro")  # sklearn's default counts class 2 as F1 = 0
+    assert m["per_class_recall"][2] is None
+
+
+def test_macro_f1_with_every_class_present_is_sklearns():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    pred = torch.tensor([0, 1, 1, 0, 2, 2])
+    m = classification_metrics(torch.nn.functional.one_hot(pred, 3).float(), labels, 3)
+    assert m["macro_f1_classes"] == 3 and np.isclose(m["macro_f1"], f1_score(labels, pred, average="macro"))

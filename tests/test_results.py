@@ -122,3 +122,24 @@ def test_a_folder_written_elsewhere_is_not_a_stage(tmp_path):
     assert results.problem(tmp_path / "m") is None
     shutil.rmtree(tmp_path / "m")
     assert results.problem(tmp_path / "m") is None
+
+
+def test_a_new_setting_at_its_default_keeps_complete_stages_complete():
+    """A stage's fingerprint counts the recipe's values that differ from the defaults: a version of distill that
+    adds a setting (at a default that keeps results as they were) does not turn complete runs stale."""
+    import dataclasses
+
+    from distill.recipe import DataConfig, recipe_from_dict
+    from distill.runs import stage_fingerprint
+
+    recipe = recipe_from_dict({"name": "x", "data": {"source": "digits", "subset": 100},
+                               "teacher": {"model": "timm:resnet10t", "epochs": 2}})
+    fp = stage_fingerprint(recipe.seed, recipe.data, recipe.teacher)
+    # the same data section as a DataConfig of an older version, which lacked later fields: only set ones count
+    assert stage_fingerprint(recipe.seed, DataConfig(source="digits", subset=100), recipe.teacher) == fp
+    assert stage_fingerprint(recipe.seed, dataclasses.replace(recipe.data, num_workers=4), recipe.teacher) == fp
+    for changed in (dataclasses.replace(recipe.data, subset=50), dataclasses.replace(recipe.data, split_seed=1)):
+        assert stage_fingerprint(recipe.seed, changed, recipe.teacher) != fp
+    nested = dataclasses.replace(recipe.teacher, optim=dataclasses.replace(recipe.teacher.optim, lr=0.5))
+    assert stage_fingerprint(recipe.seed, recipe.data, nested) != fp
+    assert stage_fingerprint(1, recipe.data, recipe.teacher) != fp

@@ -1,9 +1,12 @@
 """The hf source: a Hugging Face `datasets` dataset, from a save_to_disk folder, local files or a hub id."""
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from distill.data.images import to_rgb
 from distill.data.splits import Split
@@ -63,9 +66,35 @@ class Images:
             row = int(self.rows[i])
             try:
                 return _rgb(self.dataset[row][self.column])
-            except (OSError, ValueError) as e:  # PIL cannot decode the bytes
-                raise DistillError(f"{self.name}:{row}: cannot read image ({e}); fix or drop the row") from None
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL cannot decode the bytes
+                raise DistillError(f"{self.name}:{row}: cannot read image ({e}); fix or drop the row, or set "
+                                   "data.on_bad_image: skip to leave such rows out") from None
         return Images(self.dataset, self.column, self.rows[np.asarray(i, dtype=np.int64)], self.name)
+
+
+def check_headers(images: Images, max_pixels: int) -> list[tuple[int, str]]:
+    """(index, why) of the rows whose image fails the header check (distill.data.headers), nothing decoded: the
+    Arrow column is read raw (bytes or a path per row), and each image's header and end are read in place."""
+    from distill.data.headers import inspect_file, inspect_stream, problem_of
+
+    raw = images.dataset.with_format("arrow")  # the stored {bytes, path} structs, not decoded images
+    bad = []
+    for start in range(0, len(images.rows), 1024):
+        column = raw[images.rows[start:start + 1024].tolist()][images.column].combine_chunks()
+        data, paths = column.field("bytes"), column.field("path")
+        for j in range(len(column)):
+            if data[j].is_valid:
+                buffer = data[j].as_buffer()
+                # one image's bytes copied (pa.BufferReader refuses the seeks PIL probes garbage with)
+                header = inspect_stream(io.BytesIO(buffer), buffer.size)
+            else:
+                path = paths[j].as_py() or ""
+                header = inspect_file(path, os.path.getsize(path)) if os.path.isfile(path) else \
+                    ("", 0, 0, f"no image bytes, and no file at {path!r}")
+            problem = problem_of(header, max_pixels)
+            if problem:
+                bad.append((start + j, problem))
+    return bad
 
 
 def _rgb(image) -> np.ndarray:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,9 @@ from distill.errors import DistillError
 from distill.recipe import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# data.max_image_pixels' default, PIL's own Image.MAX_IMAGE_PIXELS (where it warns of a decompression bomb)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_PIL_LIMIT = threading.Lock()
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -22,16 +27,40 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image[:, :, :3] if image.shape[2] == 4 else image
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The image at `path` as H x W x 3 uint8 RGB; one DistillError line naming the file when it cannot be read,
+    or when its width x height is over `max_pixels` (data.max_image_pixels), found from the header before decoding."""
     try:
-        with Image.open(path) as img:
-            if img.mode.startswith("I"):
-                # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips to 255 instead of scaling.
-                grey = np.clip(np.asarray(img, dtype=np.float32), 0, 65535) / 257
-                return to_rgb(np.round(grey).astype(np.uint8))
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise DistillError(f"{path}: cannot read image ({e}); fix or remove the file") from None
+        with open_unlimited(path) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(over_limit(width, height, max_pixels))
+            with warnings.catch_warnings():  # PIL's bomb check of a GIF/WebP frame: our error, not a warning
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if img.mode.startswith("I"):
+                    # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips to 255 instead of scaling.
+                    grey = np.clip(np.asarray(img, dtype=np.float32), 0, 65535) / 257
+                    return to_rgb(np.round(grey).astype(np.uint8))
+                return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DistillError(f"{path}: cannot read image ({e}); fix or remove the file, or set "
+                           "data.on_bad_image: skip to leave such files out") from None
+
+
+def over_limit(width: int, height: int, max_pixels: int) -> str:
+    return f"{width} x {height} = {width * height} pixels, over data.max_image_pixels ({max_pixels})"
+
+
+def open_unlimited(fp) -> Image.Image:
+    """PIL's Image.open (the header only) without PIL's own pixel limit, so the caller can apply
+    data.max_image_pixels to the size read. PIL's limit is a module global (a warning above it, an error above
+    twice it, at open): it is lifted under a lock, for the header read only."""
+    with _PIL_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def image_files(folder: Path) -> list[str]:

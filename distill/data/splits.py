@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill.data.images import read_image, to_rgb
+from distill.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image, to_rgb
 from distill.errors import DistillError
 
 # The label of an image that has none (data.unlabeled); such rows are never stratified.
@@ -32,6 +32,7 @@ class Split:
             name: str = "",
             ids: np.ndarray | None = None,
             groups: Sequence[str] | np.ndarray | None = None,
+            max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if (images is None) == (paths is None):
             raise ValueError("Split needs exactly one of images or paths")
@@ -41,6 +42,7 @@ class Split:
         self.images = images
         self.paths = None if paths is None else [str(p) for p in paths]
         self.name = name
+        self.max_pixels = max_pixels  # data.max_image_pixels, applied when a file is decoded
         self.ids = np.arange(len(self.labels)) if ids is None else np.asarray(ids, dtype=np.int64)
         self.groups = None if groups is None else np.asarray(groups, dtype=str)  # data.group_column
         if len(self.ids) != len(self.labels) or len(images if paths is None else self.paths) != len(self.labels):
@@ -56,7 +58,7 @@ class Split:
     def load(self, i: int) -> np.ndarray:
         """Image `i` as H x W x 3 uint8 RGB."""
         if self.paths is not None:
-            return read_image(self.paths[i])
+            return read_image(self.paths[i], self.max_pixels)
         return to_rgb(self.images[i]).copy()
 
     def describe(self, i: int) -> str:
@@ -72,6 +74,7 @@ class Split:
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else [self.paths[j] for j in indices],
             name=self.name, ids=self.ids[indices], groups=None if self.groups is None else self.groups[indices],
+            max_pixels=self.max_pixels,
         )
 
 

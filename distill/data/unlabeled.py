@@ -39,8 +39,9 @@ def load_unlabeled(cfg: DataConfig, train: Split, val: Split) -> Split | None:
         raise DistillError(f"data.unlabeled: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; "
                            "add images or point it at another folder")
     keep = _unlabeled_rows(len(paths), cfg)
-    return check_images(Split(train.classes, np.full(len(keep), UNLABELED), paths=[paths[i] for i in keep],
-                              name=str(folder), ids=keep), cfg, "data.unlabeled")
+    unlabeled = Split(train.classes, np.full(len(keep), UNLABELED), paths=[paths[i] for i in keep],
+                      name=str(folder), ids=keep)
+    return check_images(cfg, (unlabeled, "data.unlabeled"))[0]
 
 
 def _unlabeled_rest(cfg: DataConfig, train: Split, val: Split) -> Split:
@@ -58,8 +59,8 @@ def _unlabeled_rest(cfg: DataConfig, train: Split, val: Split) -> Split:
                            "of images")
     rows = rows[_unlabeled_rows(len(rows), cfg)]
     # a builtin source split's ids are its row positions
-    return Split(train.classes, np.full(len(rows), UNLABELED), images=source.images[rows],
-                 name=source.name, ids=rows)
+    rest = Split(train.classes, np.full(len(rows), UNLABELED), images=source.images[rows], name=source.name, ids=rows)
+    return check_images(cfg, (rest, "data.unlabeled"))[0]  # an hf dataset's image bytes; builtins are arrays
 
 
 def _unlabeled_rows(n: int, cfg: DataConfig) -> np.ndarray:

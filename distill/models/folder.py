@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from distill.data import Preprocess
+from distill.disk import writing
 from distill.errors import DistillError
 from distill.models.card import write_card
 from distill.models.common import FORMAT_VERSION, INFO_FILE, MODEL_FILE, first_line
@@ -62,17 +63,21 @@ def save_model(model: nn.Module, pre: Preprocess, out_dir, classes: list[str], e
     if spec["source"] in ECOSYSTEM:
         state, files = ECOSYSTEM[spec["source"]](model, state, pre, classes, info)
     tmp_weights, tmp_info = out / f".{MODEL_FILE}.tmp", out / f".{INFO_FILE}.tmp"
-    save_file(state, str(tmp_weights), metadata={"format": "pt"})
-    info.update(num_classes=num_classes, classes=list(classes), preprocess=dataclasses.asdict(pre),
-                eval_augment=eval_augment, sha256=sha256_file(tmp_weights), params=count_params(model),
-                extra=extra or {})
-    for name, contents in files.items():
-        (out / f".{name}.tmp").write_text(json.dumps(contents, indent=2, default=json_default))
-    tmp_info.write_text(json.dumps(info, indent=2, default=json_default))
+    # every file is written before the first rename (the renames need no space), so a disk that fills up
+    # midway leaves the model saved before whole
+    with writing(out / MODEL_FILE, tmp_weights, tmp_info, *(out / f".{name}.tmp" for name in files),
+                 hint="any model saved there before is kept; free some space and run again"):
+        save_file(state, str(tmp_weights), metadata={"format": "pt"})
+        info.update(num_classes=num_classes, classes=list(classes), preprocess=dataclasses.asdict(pre),
+                    eval_augment=eval_augment, sha256=sha256_file(tmp_weights), params=count_params(model),
+                    extra=extra or {})
+        for name, contents in files.items():
+            (out / f".{name}.tmp").write_text(json.dumps(contents, indent=2, default=json_default))
+        tmp_info.write_text(json.dumps(info, indent=2, default=json_default))
+        write_card(out, info)  # what the model is; record.write_metrics adds how it scored
     os.replace(tmp_weights, out / MODEL_FILE)
     for name in files:
         os.replace(out / f".{name}.tmp", out / name)
-    write_card(out, info)  # what the model is; record.write_metrics adds how it scored
     os.replace(tmp_info, out / INFO_FILE)
     return info
 

@@ -100,9 +100,12 @@ class DataConfig:
     # images in one fold, so no group is in both a fold's training and its held-out images
     group_column: str | None = None
     num_workers: int = field(default=0, metadata=_at_least(0, 256))
-    # a file PIL cannot read: error (named in the error line, when it is read) or skip (every image is
-    # decoded once up front; the skipped ones are listed in the run directory's skipped_images.txt)
+    # a bad image file (its header or end fails a cheap check of every file before training, distill.data.headers):
+    # error (one line naming it) or skip (left out, listed in the run directory's skipped_images.txt)
     on_bad_image: Literal["error", "skip"] = "error"
+    # width x height above this is a bad file (a decompression bomb: a few KB that decode to GBs), checked from the
+    # header and again at decode; the default is PIL's own Image.MAX_IMAGE_PIXELS
+    max_image_pixels: int = field(default=89_478_485, metadata=_at_least(1))
     # make the training split long-tailed (experiments on balanced data): class c keeps
     # n_max · ratio^(-c / (C - 1)) of its images, class 0 the most (Cui et al. 2019); validation stays as it is
     long_tail: float | None = field(default=None, metadata={"check": ("a ratio >= 1", lambda v: v >= 1)})
@@ -324,6 +327,8 @@ class LogConfig:
     tensorboard: bool = True  # older recipes: false removes tensorboard from `trackers` (true adds nothing)
     every_steps: int = field(default=10, metadata=_at_least(1))
     progress: bool = True
+    # where stderr is no terminal (nohup, a pipe, CI), tqdm hides the bar: a plain line every N seconds instead
+    progress_seconds: float = field(default=30.0, metadata=_non_negative())
 
 
 @dataclass(frozen=True)
@@ -362,6 +367,10 @@ class Recipe:
     name: str
     seed: int = 0
     output_dir: str = "runs"
+    # CPU threads per process (torch, OpenMP, OpenCV; distill/threads.py); auto: OMP_NUM_THREADS if set, else the
+    # CPUs this process may use (affinity, cgroup quota) / the local processes; `--threads N` beats it
+    threads: int | Literal["auto"] = field(default="auto", metadata={
+        "check": ("an integer in [1, 4096] or 'auto'", lambda v: v == "auto" or 1 <= v <= 4096)})
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     targets: TargetsConfig = TargetsConfig()

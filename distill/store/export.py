@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from distill.checkpoint import planned_stop
 from distill.data import Preprocess
+from distill.disk import agree, check_free
 from distill.errors import DistillError
 from distill.runs import write_json
 from distill.store.diagnostics import diagnostics
@@ -29,6 +32,7 @@ from distill.store.shards import (
     write_shard,
 )
 from distill.store.views import TeacherViews
+from distill.training import ProgressLine
 
 
 def prepare_store(out: Path, fp: str, rebuild: bool, what: dict) -> str:
@@ -82,21 +86,12 @@ def check_space(spec, num_samples: int, num_classes: int, out: Path, rows: int |
                               store_mixes(spec))
     total = num_samples * (spec.views + 1)
     rows = total if rows is None else rows
-    disk = _existing_parent(out)
-    free = shutil.disk_usage(disk).free
-    if rows * per_view * 1.05 + 2**20 > free:  # shard headers, sidecars and the manifest on top
-        raise DistillError(f"targets: the store needs about {rows * per_view / 2**20:.0f} MiB and {disk} "
-                           f"has {free / 2**20:.0f} MiB free; lower targets.views ({spec.views}), keep top-k logits "
-                           "(targets.logits: topk), or free some space")
+    free = check_free(out, rows * per_view, "targets: the store",
+                      f"lower targets.views ({spec.views}), keep top-k logits (targets.logits: topk), "
+                      "or free some space")
     return (f"targets: {num_samples} samples x {spec.views + 1} views at {per_view} bytes per view: "
             f"{total * per_view / 2**20:.1f} MiB in all, {rows * per_view / 2**20:.1f} MiB to write "
             f"({free / 2**30:.1f} GiB free)")
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _store_fingerprint(out: Path) -> str | None:
@@ -122,7 +117,8 @@ def _what_differs(out: Path, what: dict) -> str:
 
 
 def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, seed: int, out: Path,
-           accelerator, teacher: dict, rebuild: bool = False, num_workers: int = 0, progress: bool = True) -> dict:
+           accelerator, teacher: dict, rebuild: bool = False, num_workers: int = 0, progress: bool = True,
+           progress_seconds: float = 30.0) -> dict:
     """Run the frozen teacher over every (sample, view) and write the store; returns the manifest.
 
     Each process writes the shards s with s % num_processes == its index; shards already complete
@@ -152,7 +148,10 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
     todo = sum(min(len(samples), (s + 1) * spec.shard_size) - s * spec.shard_size for s in mine)
     bar = tqdm(total=todo * (spec.views + 1), desc="targets", unit="view", leave=False,
                disable=None if progress and accelerator.is_local_main_process else True)
-    start, forward_seconds = time.perf_counter(), 0.0
+    # tqdm hides the bar where stderr is not a terminal (nohup, a pipe, CI): a plain line there instead
+    line = ProgressLine(progress_seconds) if progress and accelerator.is_main_process and not sys.stderr.isatty() else None
+    done = 0
+    start, forward_seconds, failure = time.perf_counter(), 0.0, None
     for s in mine:
         first, last = s * spec.shard_size, min(len(samples), (s + 1) * spec.shard_size)
         loader = DataLoader(TeacherViews(samples, spec, seed, pre, first, last), batch_size=spec.batch_size,
@@ -177,11 +176,23 @@ def export(model, pre: Preprocess, samples: Samples, classes: list[str], spec, s
             parts["partner"].append(partners.flatten(0, 1))
             parts["mix"].append(mixes.flatten(0, 1))
             bar.update(len(params.flatten(0, 1)))
-        write_shard(out, s, first, last, fp, what, logit_spec,
-                    torch.cat(parts["logits"]), torch.cat(parts["params"]), torch.cat(parts["label"]),
-                    torch.cat(parts["seed"]) if getattr(spec, "augment", None) else None,
-                    *((torch.cat(parts["partner"]), torch.cat(parts["mix"])) if "mix" in views else ()))
+            done += len(params.flatten(0, 1))
+            if line is not None and line.due():
+                line.show(f"targets: {done}/{bar.total} views, {done / line.elapsed():.1f} views/s, "
+                          f"ETA {line.eta(done, bar.total - done)}")
+        try:
+            write_shard(out, s, first, last, fp, what, logit_spec,
+                        torch.cat(parts["logits"]), torch.cat(parts["params"]), torch.cat(parts["label"]),
+                        torch.cat(parts["seed"]) if getattr(spec, "augment", None) else None,
+                        *((torch.cat(parts["partner"]), torch.cat(parts["mix"])) if "mix" in views else ()))
+        except DistillError as e:  # the disk filled up: the complete shards stay, the failed one is gone
+            failure = str(e)
+            break
+        planned_stop("export", s, "shard")  # tests: a kill between two shards
     bar.close()
+    failure = agree(accelerator, failure)  # every process stops, not only the one whose write failed
+    if failure:
+        raise DistillError(failure)
     seconds = time.perf_counter() - start
     rows_done = todo * (spec.views + 1)
     speed = torch.tensor([rows_done, seconds, forward_seconds], dtype=torch.float64, device=accelerator.device)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from distill.disk import writing
 from distill.errors import DistillError
 from distill.models import sha256_file
 from distill.runs import write_json
@@ -18,6 +19,9 @@ FLOAT16_MAX = 65504.0
 TAIL_SPREAD = "even, mass at T from log-sum-exp and mean"
 # the command that rebuilds a store from the saved teacher (no fine-tuning); `distill run` only finishes one
 REBUILD = "distill teach <recipe.yaml> --export-only --rebuild-targets"
+# a shard write that fails midway: the complete shards stay, and the export resumes from them
+RESUMABLE = ("the shards written so far are kept; free some space and resume the export (distill run, or "
+             "distill teach <recipe.yaml> --export-only)")
 
 
 def shard_name(s: int) -> str:
@@ -64,15 +68,20 @@ def write_shard(out: Path, s: int, first: int, last: int, fp: str, what: dict, l
         n_tail = max(logits.shape[-1] - logit_spec["k"], 1)
         tensors["tail_mean"] = (logits.masked_fill(~tail, 0.0).sum(-1) / n_tail).contiguous()
     name = shard_name(s)
-    tmp = out / f".{name}.safetensors.tmp"
+    tmp, data = out / f".{name}.safetensors.tmp", out / f"{name}.safetensors"
     # one metadata key: safetensors writes several in hash order, and then equal shards would differ in bytes
     about = json.dumps({"fingerprint": fp, "first_sample": first, "last_sample": last}, sort_keys=True)
-    save_file(tensors, str(tmp), metadata={"distill": about})
-    os.replace(tmp, out / f"{name}.safetensors")
+    with writing(data, tmp, what="targets", hint=RESUMABLE):
+        save_file(tensors, str(tmp), metadata={"distill": about})
+        os.replace(tmp, data)
     # the sidecar is the shard's "complete" mark: written after the data, also through a rename
-    write_json(out / f"{name}.json", {"shard": s, "first_sample": first, "num_samples": last - first,
-                                      "rows": len(params), "sha256": sha256_file(out / f"{name}.safetensors"),
-                                      "fingerprint": fp, "what": what})
+    try:
+        write_json(out / f"{name}.json", {"shard": s, "first_sample": first, "num_samples": last - first,
+                                          "rows": len(params), "sha256": sha256_file(data),
+                                          "fingerprint": fp, "what": what})
+    except BaseException:
+        data.unlink(missing_ok=True)  # a shard without its sidecar is exported again anyway: leave no orphan
+        raise
 
 
 def damaged_shards(out: Path, manifest: dict) -> list[str]:
