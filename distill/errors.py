@@ -49,8 +49,32 @@ def exit_on_error(main):
                 where = f" (stage {e.stage}" + ("" if e.stage == "teach" else "; the stages before it are kept") + ")"
             print(f"{e.kind}: {message}{where}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        except RuntimeError as e:
+            if not peer_lost(e):
+                raise
+            # another process of this torchrun / accelerate job died (killed, out of memory): this one's
+            # collective failed. Its traceback says nothing useful; the launcher's report names the dead process.
+            print(f"error: rank {os.environ.get('RANK')}: another process of this job stopped ({first_line(e)}); "
+                  "the last saved state is kept: run the same command again (with --resume; `distill run` "
+                  "resumes on its own)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_BAD_INPUT)
 
     return wrapper
+
+
+# what a collective says when a peer process has gone (gloo on CPU, NCCL on GPUs)
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of a multi-process job died."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(s in str(e) for s in PEER_LOST)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split("] ", 1)[-1].split(". ", 1)[0][:200]  # without gloo's source location and advice
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ KILLS = [
     ("students.0:12:SIGKILL:done", -signal.SIGKILL),
     # `distill run` trains the students not complete (each with its FixRes), then the FixRes stages left
     ("students.1:3:SIGTERM", 128 + signal.SIGTERM),  # a pre-empted job: saves and exits with one line
-    ("students.1.fixres:2:SIGKILL:save", -signal.SIGKILL),
+    ("students.1.fixres:6:SIGKILL:save", -signal.SIGKILL),  # FixRes saves at its epochs' ends: 6 steps
     ("students.0.fixres:5:SIGKILL", -signal.SIGKILL),
 ]
 
@@ -131,3 +131,28 @@ def test_an_interrupted_retrain_never_reports_the_old_result(recipe, uninterrupt
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(uninterrupted, run_dir, PARTS)
     assert json.loads((a / "previous" / "metrics.json").read_text()) == old  # the last complete result, kept
+
+
+def test_torchrun_a_killed_process_ends_the_job_with_one_line_and_the_rerun_completes(recipe, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "runs"
+    run_dir = out / "tiny-timm"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "students" / "b")
+    command = ["torchrun", "--nproc_per_node", "2", "distill/learn.py", str(recipe), f"output_dir={out}",
+               "--student", "b"]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+                       env={**ENV, "DISTILL_STOP_AT": "students.1:3:SIGKILL", "DISTILL_STOP_RANK": "1"})
+    assert r.returncode != 0
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(ours) == 1 and "another process of this job stopped" in ours[0] and "--resume" in ours[0], r.stderr
+    assert "[rank0]: Traceback" not in r.stderr  # the survivor's failed collective is that one line
+    assert (run_dir / "students" / "b" / results.MARKER).is_file()
+    r = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "students.1: resumed from" in r.stdout
+    m = json.loads((run_dir / "students" / "b" / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and results.problem(run_dir / "students" / "b") is None
+    assert not (run_dir / "students" / "b" / "resume").exists()
