@@ -148,14 +148,9 @@ def workers_note(num_workers: int) -> str | None:
 
 
 def worker_init(worker_id: int) -> None:
-    """A DataLoader worker computes on one thread, in torch (as DataLoader does already) and in OpenCV, whose
-    pool a forked worker would otherwise size to the whole machine."""
+    """A DataLoader worker computes on one thread in torch (as DataLoader does already). OpenCV's pool keeps the
+    size `apply` gave it in the parent: calling cv2.setNumThreads in a forked worker can hang for good (the
+    parent's pool threads do not exist in the child; seen in the test suite)."""
     import torch
 
     torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass

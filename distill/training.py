@@ -117,9 +117,11 @@ def finite(loss, accelerator, prog: Progress, max_bad: int, where: str, out_dir:
 
 def kept(out_dir: Path, best: dict | None) -> str:
     """What a failed run leaves behind, for its error message."""
+    previous = Path(out_dir) / "previous"
+    earlier = f"; the earlier complete result is in {previous}" if (previous / "metrics.json").is_file() else ""
     if best is None:
-        return "nothing was saved yet"
-    return f"the checkpoint of epoch {best['epoch']} (val top1 {best['top1']:.4f}) in {out_dir} is kept"
+        return "nothing was saved yet" + earlier
+    return f"the checkpoint of epoch {best['epoch']} (val top1 {best['top1']:.4f}) in {out_dir} is kept" + earlier
 
 
 def clip(accelerator, model, max_norm: float | None) -> None:

@@ -243,7 +243,10 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "teacher: the loss is not finite" in errors[0] and "at step" in errors[0]
-    assert {f: (teacher / f).read_bytes() for f in saved} == saved  # the good checkpoint is untouched
+    # the good teacher was set aside when the retrain started, untouched, and the error line says where
+    assert {f: (teacher / "previous" / f).read_bytes() for f in saved} == saved
+    assert f"the earlier complete result is in {teacher / 'previous'}" in errors[0]
+    assert (teacher / "INCOMPLETE").is_file() and not (teacher / "metrics.json").exists()
     # allowed bad steps are skipped with a warning instead (and the run then ends normally)
     r = run(["distill", "teach", "recipes/tiny-timm.yaml", *overrides, "name=skip", "teacher.optim.lr=1e12",
              "teacher.optim.warmup_epochs=0", "teacher.optim.max_bad_steps=100000"])
