@@ -27,7 +27,18 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image[:, :, :3] if image.shape[2] == 4 else image
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of the image at `path`, from its header."""
+    try:
+        with open_unlimited(path) as img:
+            return img.size[1], img.size[0]
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{path}: cannot read image ({e}); fix or remove the file, or set "
+                           "data.on_bad_image: skip to leave such files out") from None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               need: tuple[int, int] | None = None) -> np.ndarray:
     """The image at `path` as H x W x 3 uint8 RGB; one DistillError line naming the file when it cannot be read,
     or when its width x height is over `max_pixels` (data.max_image_pixels), found from the header before decoding."""
     try:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image, to_rgb
+from distill.data.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, read_image, to_rgb
 from distill.errors import DistillError
 
 # The label of an image that has none (data.unlabeled); such rows are never stratified.
@@ -43,6 +43,7 @@ class Split:
         self.paths = None if paths is None else [str(p) for p in paths]
         self.name = name
         self.max_pixels = max_pixels  # data.max_image_pixels, applied when a file is decoded
+        self.cache, self.cache_rows = None, None  # data.cache: the cache, and each row's index in it
         self.ids = np.arange(len(self.labels)) if ids is None else np.asarray(ids, dtype=np.int64)
         self.groups = None if groups is None else np.asarray(groups, dtype=str)  # data.group_column
         if len(self.ids) != len(self.labels) or len(images if paths is None else self.paths) != len(self.labels):
@@ -55,11 +56,23 @@ class Split:
         kind = "files" if self.paths is not None else "in memory"
         return f"Split({self.name!r}, {len(self)} images, {len(self.classes)} classes, {kind})"
 
-    def load(self, i: int) -> np.ndarray:
-        """Image `i` as H x W x 3 uint8 RGB."""
+    def load(self, i: int, need: tuple[int, int] | None = None) -> np.ndarray:
+        """Image `i` as H x W x 3 uint8 RGB. `need` (width, height): the smallest size the caller's crops need
+        (a JPEG may then be decoded at 1/2, 1/4 or 1/8 of its size, distill.data.decode); None: full size."""
+        if self.cache is not None:  # data.cache: the decoded-image cache (distill.data.cache)
+            return self.cache.load(self.cache_rows[i], need)
         if self.paths is not None:
-            return read_image(self.paths[i], self.max_pixels)
+            return read_image(self.paths[i], self.max_pixels, need)
         return to_rgb(self.images[i]).copy()
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image `i` as `load(i)` without `need` gives it, from its header (nothing decoded):
+        what a view's crop box is drawn from."""
+        if self.cache is not None:
+            return self.cache.size(self.cache_rows[i])
+        if self.paths is not None:
+            return image_size(self.paths[i])
+        return tuple(self.images[i].shape[:2]) if isinstance(self.images, np.ndarray) else self.load(i).shape[:2]
 
     def describe(self, i: int) -> str:
         """Where image `i` comes from: its file, or `<source>:<split>:<index>` for builtins."""
@@ -69,13 +82,16 @@ class Split:
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Split:
         indices = np.asarray(indices, dtype=np.int64)
-        return Split(
+        out = Split(
             self.classes, self.labels[indices],
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else [self.paths[j] for j in indices],
             name=self.name, ids=self.ids[indices], groups=None if self.groups is None else self.groups[indices],
             max_pixels=self.max_pixels,
         )
+        if self.cache is not None:
+            out.cache, out.cache_rows = self.cache, self.cache_rows[indices]
+        return out
 
 
 # --- stratified selection -----------------------------------------------------
