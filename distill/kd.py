@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from distill import losses, trackers
-from distill.data import load_splits, load_unlabeled
+from distill.data import attach_cache, load_splits, load_unlabeled
 from distill.errors import DistillError
 from distill.mix import mix_enabled, mix_images, mix_targets, rescale
 from distill.models import check_model_name, load_model
@@ -27,7 +27,9 @@ def open_store(recipe, accelerator):
     store = TargetStore(run_dir / "targets")
     store.verify(accelerator)
     train_split, val_split = load_splits(recipe.data)
-    samples = Samples(train_split, load_unlabeled(recipe.data, train_split, val_split))
+    unlabeled = load_unlabeled(recipe.data, train_split, val_split)
+    attach_cache(recipe, train_split, val_split, unlabeled, accelerator=accelerator)  # data.cache: decode once
+    samples = Samples(train_split, unlabeled)
     classes = train_split.classes
     store.check({"dataset.fingerprint": dataset_fingerprint(samples, classes), "num_classes": len(classes)})
     teacher_dir = run_dir / "teacher"

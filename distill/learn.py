@@ -23,7 +23,7 @@ from torch.utils.data import Subset
 
 from distill import fixres, policy, threads, training
 from distill.checkpoint import Checkpoints, StopSignal
-from distill.data import ImageDataset, build_transform
+from distill.data import ImageDataset, build_transform, device_decode
 from distill.errors import exit_on_error
 from distill.evaluate import evaluate
 from distill.kd import (
@@ -96,9 +96,13 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
         accelerator.print(f"warning: {cfg.name}: {decision['ls_reason']}")
 
     model, pre = build_model(cfg, num_classes, where=where, classes=classes)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format  # of the weights and inputs
+    model = model.to(memory_format=memory)
     teacher, teacher_pre = online_teacher(recipe, kd, accelerator)
     train_ds = ReplayDataset(store, samples, pre, view="random", seed=seed, teacher_pre=teacher_pre,
                              temperature=temperature, standardized=kd.standardize)
+    if recipe.data.decode == "device":  # the files' bytes: the loop decodes, crops and resizes them on its device
+        train_ds = device_decode.EncodedReplay(train_ds, where)
     if kd.loss == "none" or not kd.use_unlabeled:
         train_ds = Subset(train_ds, range(samples.num_labeled))  # labels only: the baseline's data
     replay = train_ds.dataset if isinstance(train_ds, Subset) else train_ds  # the one with set_epoch
@@ -107,6 +111,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     balance_classes, weights = class_balance(store, samples, len(train_ds), imb, num_classes)
     train_loader = make_loader(train_ds, cfg.batch_size, recipe, train=True, world_size=accelerator.num_processes,
                                seed=seed, balance=imb.sampler, classes=balance_classes, repeats=cfg.repeated_aug)
+    if recipe.data.decode == "device":
+        train_loader.collate_fn = device_decode.collate  # a batch's files of any length in one tensor
     sampler = train_loader.sampler
     val_loader = make_loader(val_ds, cfg.eval_batch_size or cfg.batch_size, recipe, train=False,
                              world_size=accelerator.num_processes)
@@ -118,6 +124,8 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # warm-up: the decay ramps up, so a short run is not dominated by the random initial weights
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
+    if cfg.compile:  # in place, after the EMA's copy: the module, its state_dict and what save_model writes stay
+        model.compile()
     updates_per_epoch = math.ceil(len(train_loader) / cfg.optim.grad_accum)
     total_updates = cfg.epochs * updates_per_epoch
     scheduler = make_scheduler(optimizer, cfg.optim, lr, total_updates, updates_per_epoch)
@@ -141,9 +149,11 @@ def train_student(recipe, cfg, index, store, samples, val_split, classes, accele
                                                  cfg.name, recipe.log)
             for i, batch in batches:
                 x, y = batch[0], batch[1]
+                if recipe.data.decode == "device":  # files: their views as the model's input, made on the device
+                    x = device_decode.pixels(x, pre, accelerator.device)
                 with accelerator.accumulate(model):
                     mix = sample_mix(cfg.mix, x.shape[-2:], batch_rng(seed, accelerator.process_index, epoch, i))
-                    x = mix_images(x, mix)
+                    x = mix_images(x, mix).contiguous(memory_format=memory)
                     target, mix_kl = batch_target(batch, mix, teacher, kd, temperature, accelerator)
                     pair = batch[2] if store.mixed else None  # the store's own mixing: each row's partner and λ
                     parts = student_loss(model(x), y, target, kd, temperature, num_classes, cfg.label_smoothing, mix,

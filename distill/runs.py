@@ -44,8 +44,9 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
-# fields the results do not depend on (the draws are per sample, README "Interruptions and resume")
-NOT_IN_FINGERPRINT = {"num_workers"}
+# fields the results do not depend on: the draws are per sample (README "Interruptions and resume"), and the
+# decoded-image cache holds the same pixels wherever it lives
+NOT_IN_FINGERPRINT = {"num_workers", "cache_dir"}
 
 
 def stage_fingerprint(*parts) -> str:

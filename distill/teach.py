@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from distill import results, store, threads, trackers, training
 from distill.checkpoint import Checkpoints, StopSignal
-from distill.data import ImageDataset, build_transform, fold_ids, load_splits, load_unlabeled
+from distill.data import ImageDataset, attach_cache, build_transform, fold_ids, load_splits, load_unlabeled
 from distill.errors import DistillError, exit_on_error
 from distill.evaluate import evaluate
 from distill.folds import evaluate_dir, write_ensemble_metrics, write_oof
@@ -103,6 +103,7 @@ def teach(recipe, args):
     # Build everything that can fail on bad input before anything is written.
     train_split, val_split = load_splits(recipe.data)
     unlabeled = load_unlabeled(recipe.data, train_split, val_split) if recipe.targets.export else None
+    attach_cache(recipe, train_split, val_split, unlabeled, accelerator=accelerator)  # data.cache: decode once
     skipped = [*train_split.skipped, *val_split.skipped, *(unlabeled.skipped if unlabeled else [])]
     if recipe.targets.export:  # before hours of fine-tuning: the store it ends with must fit on the disk
         store.check_space(recipe.targets, len(train_split) + (len(unlabeled) if unlabeled else 0),
@@ -284,6 +285,7 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
     model, pre, info = load_model(teacher_dir)
     train_split, val_split = load_splits(recipe.data)
     unlabeled = load_unlabeled(recipe.data, train_split, val_split)
+    attach_cache(recipe, train_split, val_split, unlabeled, accelerator=accelerator)
     if info["classes"] != train_split.classes:
         raise DistillError(f"targets: the teacher in {teacher_dir} was trained on classes {info['classes'][:5]}…, "
                            f"the data has {train_split.classes[:5]}…; fine-tune the teacher on this data first")

@@ -53,8 +53,11 @@ class FakeSamples:
     def __len__(self):
         return len(self.images)
 
-    def load(self, i):
+    def load(self, i, need=None):
         return self.images[i]
+
+    def scalable(self, i):  # in memory: nothing to decode at a smaller scale
+        return False
 
 
 class FakeStore:

@@ -1,6 +1,7 @@
 """Datasets: sources by name (sources.py), splits and selection, unlabeled images, transforms, the torch dataset."""
 # Everything callers import from `distill.data` is re-exported here. To monkeypatch, patch the module that uses the
 # name (e.g. distill.data.idx.FASHION_MNIST_DIR): a patch of this package's copy reaches no caller.
+from distill.data.cache import attach_cache
 from distill.data.dataset import ImageDataset
 from distill.data.fashion_mnist import FASHION_MNIST_CLASSES
 from distill.data.idx import CACHE_DIR, FASHION_MNIST_DIR, download_fashion_mnist, find_fashion_mnist, read_idx
@@ -32,6 +33,7 @@ __all__ = [
     "Preprocess",
     "Split",
     "Transform",
+    "attach_cache",
     "build_transform",
     "check_images",
     "download_fashion_mnist",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from distill.data.decode import transform_need
 from distill.data.splits import Split
 
 
@@ -15,6 +16,9 @@ class ImageDataset(torch.utils.data.Dataset):
     With a `seed` (training), image i's random augmentation in epoch e is drawn from (seed, e, i) alone: the
     same whichever process or DataLoader worker loads it, so results do not depend on `num_workers` or on the
     number of processes, and a resumed run sees exactly the images the interrupted one would have.
+
+    A JPEG is decoded only as large as the transform's first resize needs (`decode.transform_need`: the eval
+    resize of the shorter side, a RandomResizedCrop's smallest box; data.decode_scaled).
     """
 
     def __init__(self, split: Split, transform: Callable[[np.ndarray], torch.Tensor], seed: int | None = None):
@@ -22,6 +26,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.need = transform_need(transform)  # (width, height), a function of the image's (height, width), or None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -32,4 +37,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self.seed is not None:
             self.transform.set_seed([self.seed, self.epoch, i])
-        return self.transform(self.split.load(i)), int(self.split.labels[i])
+        return self.transform(self.split.load(i, self.need_of(i))), int(self.split.labels[i])
+
+    def need_of(self, i: int) -> tuple[int, int] | None:
+        if not callable(self.need):
+            return self.need
+        split = self.split
+        # a random crop's need depends on the image's size: read from its header, only where a decode can use it
+        if split.decode_scaled and (split.paths is not None or split.cache is not None):
+            return self.need(*split.size(i))
+        return None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distill.data.decode import draft
 from distill.errors import DistillError
 from distill.recipe import DataConfig
 
@@ -40,19 +41,23 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                need: tuple[int, int] | None = None) -> np.ndarray:
     """The image at `path` as H x W x 3 uint8 RGB; one DistillError line naming the file when it cannot be read,
-    or when its width x height is over `max_pixels` (data.max_image_pixels), found from the header before decoding."""
+    or when its width x height is over `max_pixels` (data.max_image_pixels), found from the header before decoding.
+    `need` (width, height): a JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 of its size that is still at
+    least that (distill.data.decode); other formats, and None, at full size."""
     try:
         with open_unlimited(path) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ValueError(over_limit(width, height, max_pixels))
+            draft(img, need)
             with warnings.catch_warnings():  # PIL's bomb check of a GIF/WebP frame: our error, not a warning
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 if img.mode.startswith("I"):
                     # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips to 255 instead of scaling.
                     grey = np.clip(np.asarray(img, dtype=np.float32), 0, 65535) / 257
                     return to_rgb(np.round(grey).astype(np.uint8))
-                return np.asarray(img.convert("RGB"))
+                # an RGB image (most JPEGs) as it is: convert("RGB") would copy it once more
+                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DistillError(f"{path}: cannot read image ({e}); fix or remove the file, or set "
                            "data.on_bad_image: skip to leave such files out") from None

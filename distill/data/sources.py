@@ -68,6 +68,7 @@ def check_images(cfg: DataConfig, *splits: tuple[Split, str]) -> list[Split]:
     """
     for split, _ in splits:
         split.max_pixels = cfg.max_image_pixels  # the decode applies the limit the header check did
+        split.decode_scaled = cfg.decode_scaled
     found = [_bad_images(split, cfg) for split, _ in splits]
     misnamed = [(key, names[i], fmt) for (_, key), (names, _, wrong) in zip(splits, found) for i, fmt in wrong]
     if misnamed:

@@ -43,6 +43,7 @@ class Split:
         self.paths = None if paths is None else [str(p) for p in paths]
         self.name = name
         self.max_pixels = max_pixels  # data.max_image_pixels, applied when a file is decoded
+        self.decode_scaled = True  # data.decode_scaled: False ignores `need` in load (every decode at full size)
         self.cache, self.cache_rows = None, None  # data.cache: the cache, and each row's index in it
         self.ids = np.arange(len(self.labels)) if ids is None else np.asarray(ids, dtype=np.int64)
         self.groups = None if groups is None else np.asarray(groups, dtype=str)  # data.group_column
@@ -59,6 +60,7 @@ class Split:
     def load(self, i: int, need: tuple[int, int] | None = None) -> np.ndarray:
         """Image `i` as H x W x 3 uint8 RGB. `need` (width, height): the smallest size the caller's crops need
         (a JPEG may then be decoded at 1/2, 1/4 or 1/8 of its size, distill.data.decode); None: full size."""
+        need = need if self.decode_scaled else None
         if self.cache is not None:  # data.cache: the decoded-image cache (distill.data.cache)
             return self.cache.load(self.cache_rows[i], need)
         if self.paths is not None:
@@ -89,6 +91,7 @@ class Split:
             name=self.name, ids=self.ids[indices], groups=None if self.groups is None else self.groups[indices],
             max_pixels=self.max_pixels,
         )
+        out.decode_scaled = self.decode_scaled
         if self.cache is not None:
             out.cache, out.cache_rows = self.cache, self.cache_rows[indices]
         return out

@@ -106,6 +106,29 @@ class DataConfig:
     # width x height above this is a bad file (a decompression bomb: a few KB that decode to GBs), checked from the
     # header and again at decode; the default is PIL's own Image.MAX_IMAGE_PIXELS
     max_image_pixels: int = field(default=89_478_485, metadata=_at_least(1))
+    # a JPEG file is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, distill.data.decode) when every
+    # crop a stage takes of it still has the model's input size; false: always at full size, as before. On by
+    # default: 2-3x faster reading photos bigger than the models' inputs; the views differ from a full decode's by a
+    # mean of 1.1 uint8 levels at 224 px to 4.6 at 64 px, mostly the full decode's own aliasing (README "Scaled
+    # decoding"), so results on image folders move a little; in-memory builtins, hf datasets and non-JPEG files are
+    # untouched, so Fashion-MNIST results (the golden test) do not move
+    decode_scaled: bool = True
+    # decode every image file once into a cache (distill.data.cache), shrunk so its longer side is at most this many
+    # pixels; every later stage and epoch reads it. auto: 2 x the largest input size of any stage (teacher.input_size,
+    # students' resolution and fixres.resolution; 224 where null), so a random crop of half the image's side still
+    # has the model's full resolution. null: off, the files are decoded every time
+    cache: int | Literal["auto"] | None = field(default=None, metadata={
+        "check": ("an integer in [16, 16384], 'auto' or null", lambda v: v == "auto" or 16 <= v <= 16384)})
+    # where the cache lives; null: $XDG_CACHE_HOME/distill/images/ (~/.cache), shared by runs on the same files
+    cache_dir: str | None = None
+    # jpeg: re-encoded at quality 95, ~9x smaller than raw; raw: uint8 pixels, ~8x faster to read while the cache
+    # fits in memory (the page cache), slower than jpeg once it has to come from disk (measured: distill.data.cache)
+    cache_format: Literal["jpeg", "raw"] = "jpeg"
+    # where a student's training views are decoded, cropped and resized: cpu (the loader, PIL and OpenCV) or device
+    # (the loop, on accelerator.device: torchvision's decode_jpeg on the batch's files, nvJPEG on a GPU; crop and
+    # resize as tensor ops, distill.data.device_decode). device needs image files, cached KD and a store without
+    # targets.augment or targets.mix; evaluation and FixRes decode on the CPU either way
+    decode: Literal["cpu", "device"] = "cpu"
     # make the training split long-tailed (experiments on balanced data): class c keeps
     # n_max · ratio^(-c / (C - 1)) of its images, class 0 the most (Cui et al. 2019); validation stays as it is
     long_tail: float | None = field(default=None, metadata={"check": ("a ratio >= 1", lambda v: v >= 1)})
@@ -314,6 +337,13 @@ class StudentConfig:
     imbalance: ImbalanceConfig = ImbalanceConfig()
     ema: float | None = field(default=None, metadata=_open_unit())  # EMA decay of the weights (timm ModelEmaV3)
     zero_init_last_bn: bool | None = None  # timm's zero_init_last: residual blocks start as identity
+    # speed only (benchmarks/student_step.py): the weights and inputs in channels-last memory format, and
+    # torch.compile of the model in place (its first steps compile). On 2 CPU cores (batch 32, AdamW, load ~2.5)
+    # channels-last made resnet10t / mobilenetv3_small_100 steps 1.2-1.6x faster; compile gave 0.8-2.2x after a
+    # 15-150 s warm-up per model. Both stay off by default: a default that changed would move every run's numbers
+    # while stage fingerprints (non-default values only) call them complete; turn them on per student
+    channels_last: bool = False
+    compile: bool = False
     optim: OptimConfig = OptimConfig(lr=0.05, name="sgd", weight_decay=5e-5)
     mix: MixConfig = MixConfig()
     kd: KDConfig = KDConfig()

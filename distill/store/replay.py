@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import Preprocess
+from distill.data.decode import need_for
 from distill.errors import DistillError
 from distill.loaders import REPEAT_STREAM
 from distill.store.augment import augment, check_augment
@@ -62,7 +63,9 @@ class ReplayDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = self.store.row(i, self.view_of(i), self.temperature, self.standardized)
-        image = self.samples.load(i)
+        # the row's box is known before the image is read: decode only what this model (and an online teacher) needs
+        sizes = [self.pre.input_size] + ([self.teacher_pre.input_size] if self.teacher_pre is not None else [])
+        image = self.samples.load(i, need_for([row["params"]], sizes))
         x, lam, partner = self.input(image, row, self.pre)
         cached = {key: torch.from_numpy(np.asarray(row[key])) for key in ("logits", "logit_mean", "logit_std")}
         if self.store.mixed:
@@ -84,7 +87,8 @@ class ReplayDataset(Dataset):
         if partner == NO_PARTNER:
             return x, 1.0, NO_PARTNER
         other_row = {k: v[0] for k, v in self.store.views_of([partner], [int(row["partner"][1])]).items()}
-        other = to_tensor(self.render(self.samples.load(partner), other_row, pre), pre)
+        other_image = self.samples.load(partner, need_for([other_row["params"]], pre.input_size))
+        other = to_tensor(self.render(other_image, other_row, pre), pre)
         x, lam = mix_views(x, other, row["mix"])
         return x, lam, partner
 

@@ -24,10 +24,24 @@ class Samples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, i: int) -> np.ndarray:
-        if i < self.num_labeled:
-            return self.parts[0].load(i)
-        return self.parts[1].load(i - self.num_labeled)
+    def load(self, i: int, need: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample i as H x W x 3 uint8 RGB; `need` (width, height) as in `Split.load` (a JPEG decoded smaller)."""
+        part, j = self.part(i)
+        return part.load(j, need)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(height, width) of sample i at full size, from its header (`Split.size`): what its views are drawn on."""
+        part, j = self.part(i)
+        return part.size(j)
+
+    def scalable(self, i: int) -> bool:
+        """Whether a `need` can make `load(i)` cheaper (a file on disk or the decoded-image cache, data.decode_scaled
+        on); otherwise `size(i)` may cost a decode of its own (an hf dataset's image), so load it whole instead."""
+        part, _ = self.part(i)
+        return part.decode_scaled and (part.paths is not None or part.cache is not None)
+
+    def part(self, i: int) -> tuple[Split, int]:
+        return (self.parts[0], i) if i < self.num_labeled else (self.parts[1], i - self.num_labeled)
 
     def describe(self, i: int) -> str:
         return self.parts[0].describe(i) if i < self.num_labeled else self.parts[1].describe(i - self.num_labeled)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import INTERPOLATIONS, Preprocess
+from distill.data.decode import need_for
 from distill.store.augment import NO_AUGMENT, augment, check_augment, view_seed
 from distill.store.mixing import NO_PARTNER, UNMIXED, draw_mix, mix_views, store_mixes
 
@@ -116,10 +117,19 @@ class TeacherViews(Dataset):
     def __len__(self) -> int:
         return self.last - self.first
 
-    def view(self, i: int, v: int | None = None, image: np.ndarray | None = None):
-        """Sample i's views (all, or view v) as the teacher sees them, unmixed: float32 [n, 3, S, S], params, seeds."""
-        image = self.samples.load(i) if image is None else image
-        params = view_params(self.spec, self.seed, i, *image.shape[:2])
+    def view(self, i: int, v: int | None = None):
+        """Sample i's views (all, or view v) as the teacher sees them, unmixed: float32 [n, 3, S, S], params, seeds.
+
+        The boxes are drawn on the image's full size (its header), so they are the same however it is decoded;
+        the decode then needs only what all V + 1 views need at the teacher's size (data.decode_scaled), the same
+        whether the sample is rendered as itself or as a partner."""
+        if self.samples.scalable(i):
+            height, width = self.samples.size(i)
+            params = view_params(self.spec, self.seed, i, height, width)
+            image = self.samples.load(i, need_for(params, self.pre.input_size, height, width))
+        else:  # an in-memory image, or one whose size costs a decode (hf): load it whole
+            image = self.samples.load(i)
+            params = view_params(self.spec, self.seed, i, *image.shape[:2])
         seeds = view_seeds(self.spec, self.seed, i)
         if v is not None:
             params, seeds = params[v:v + 1], seeds[v:v + 1]
