@@ -123,6 +123,27 @@ def replay_dataset(cfg: DataConfig, targets, size: int, cache_dir: Path):
     return store.ReplayDataset(targets, store.Samples(train), pre_at(size), view="random", seed=0)
 
 
+def device_rate(photos: Path, targets, size: int, n: int, batch: int = 32) -> float:
+    """`data.decode: device`, run on the CPU: the workers' part (a row and the file's bytes) and the batched
+    decode, crop and resize as tensor ops (`distill.data.device_decode`), per image."""
+    from distill.data import device_decode
+
+    replay = replay_dataset(data_config(photos, decode="device"), targets, size, photos)
+    encoded = device_decode.EncodedReplay(replay)
+    pre = pre_at(size)
+
+    def one_batch(b):
+        items = [encoded[(b * batch + j) % len(encoded)] for j in range(batch)]
+        return device_decode.pixels(device_decode.collate(items)[0], pre, torch.device("cpu"))
+
+    one_batch(0)
+    batches = max(1, n // batch)
+    start = time.perf_counter()
+    for b in range(batches):
+        one_batch(b)
+    return batches * batch / (time.perf_counter() - start)
+
+
 def student_step_seconds(size: int, batch: int = 32, steps: int = 3) -> float:
     import timm
 
@@ -196,6 +217,7 @@ def main():
         for name, cfg in replay_variants(photos, targets).items():
             ds = replay_dataset(cfg, targets, size, work / "cache")
             rows.append((name, size, rate(lambda i, ds=ds: ds[i % len(ds)], n)))
+        rows.append(("replay, decode on the device (here the CPU)", size, device_rate(photos, targets, size, n)))
     print("| loader | px | images/s per core | vs timm |\n|---|---|---|---|")
     base = {size: r for name, size, r in rows if name.startswith("timm create_loader (")}
     for name, size, r in rows:

@@ -6,6 +6,7 @@ then export its soft targets (targets/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -303,7 +304,8 @@ def export_targets(recipe, accelerator, rebuild: bool) -> dict:
 
 
 def teacher_fingerprint(recipe) -> str:
-    return stage_fingerprint(recipe.seed, recipe.data, recipe.teacher)
+    # data.decode: where the *students'* images are decoded (the teacher always decodes on the CPU)
+    return stage_fingerprint(recipe.seed, dataclasses.replace(recipe.data, decode="cpu"), recipe.teacher)
 
 
 def _has_files(path: Path) -> bool:

@@ -143,3 +143,14 @@ def test_a_new_setting_at_its_default_keeps_complete_stages_complete():
     nested = dataclasses.replace(recipe.teacher, optim=dataclasses.replace(recipe.teacher.optim, lr=0.5))
     assert stage_fingerprint(recipe.seed, recipe.data, nested) != fp
     assert stage_fingerprint(1, recipe.data, recipe.teacher) != fp
+
+
+def test_where_the_students_decode_is_not_the_teachers_business():
+    from distill.recipe import recipe_from_dict
+    from distill.teach import teacher_fingerprint
+
+    raw = {"name": "x", "data": {"source": "imagefolder", "root": "/photos"}, "teacher": {"model": "timm:resnet10t"}}
+    device = recipe_from_dict({**raw, "data": {**raw["data"], "decode": "device"}})
+    assert teacher_fingerprint(device) == teacher_fingerprint(recipe_from_dict(raw))
+    cached = recipe_from_dict({**raw, "data": {**raw["data"], "cache": 256}})
+    assert teacher_fingerprint(cached) != teacher_fingerprint(recipe_from_dict(raw))
