@@ -11,7 +11,8 @@ per core:
 - (b) the student's replay path (`store.ReplayDataset`: a stored view's crop box, the student's input): full
   decode; scaled decode (`data.decode_scaled`, JPEG DCT scaling); the decoded-image cache (`data.cache`); and
   batched decode with crop and resize as tensor ops (`data.decode: device`, here on the CPU);
-- (c) the teacher's export path (`store.TeacherViews`: every view of an image at the teacher's 224 px);
+- (c) the teacher's export path (`store.TeacherViews`: every view of an image at the teacher's 224 px, its
+  decode and rendering without the forward), with full and scaled decoding;
 - then a resnet10t student step (forward, backward, SGD; one thread) at 112 and 224 px against each loader's
   time per batch, which says whether data or compute limits a 2-core machine that gives each one core; and
   cached-KD steps against labels-only steps reading the same cache, through one DataLoader worker.
@@ -40,6 +41,7 @@ from photos import make_photos
 from distill import store
 from distill.data import Preprocess, load_splits
 from distill.recipe import DataConfig, TargetsConfig
+from distill.store.views import TeacherViews
 
 RATIO_TARGET, KD_TARGET = 3.0, 0.95  # student/timm per core; KD steps / labels-only steps (no slower, 5 % noise)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -144,6 +146,23 @@ def device_rate(photos: Path, targets, size: int, n: int, batch: int = 32) -> fl
     return batches * batch / (time.perf_counter() - start)
 
 
+def export_variants(photos: Path) -> dict:
+    fields = set(DataConfig.__dataclass_fields__)
+    if "decode_scaled" not in fields:
+        return {"export, teacher views (5 per image), full decode": data_config(photos)}
+    return {"export, teacher views (5 per image), full decode": data_config(photos, decode_scaled=False),
+            "export, teacher views (5 per image), scaled decode": data_config(photos, decode_scaled=True)}
+
+
+def export_rate(cfg: DataConfig, size: int, n: int, views: int = 4) -> float:
+    """Images per second of the export's data side (`store.TeacherViews`: decode once, render the V + 1 views at
+    the teacher's size, normalise), without the teacher's forward."""
+    train, _ = load_splits(cfg)
+    samples = store.Samples(train)
+    ds = TeacherViews(samples, TargetsConfig(views=views), 0, pre_at(size), 0, len(samples))
+    return rate(lambda i: ds[i % len(ds)], n)
+
+
 def student_step_seconds(size: int, batch: int = 32, steps: int = 3) -> float:
     import timm
 
@@ -218,6 +237,8 @@ def main():
             ds = replay_dataset(cfg, targets, size, work / "cache")
             rows.append((name, size, rate(lambda i, ds=ds: ds[i % len(ds)], n)))
         rows.append(("replay, decode on the device (here the CPU)", size, device_rate(photos, targets, size, n)))
+    for name, cfg in export_variants(photos).items():  # (c) the teacher's side: every view of an image at 224 px
+        rows.append((name, 224, export_rate(cfg, 224, n)))
     print("| loader | px | images/s per core | vs timm |\n|---|---|---|---|")
     base = {size: r for name, size, r in rows if name.startswith("timm create_loader (")}
     for name, size, r in rows:
@@ -229,7 +250,7 @@ def main():
     for size in (112, 224):
         compute = 32 / student_step_seconds(size)
         for name, at, r in rows:
-            if at == size:
+            if at == size and not name.startswith("export"):
                 print(f"| {size} | {compute:.0f} | {name} | {r:.0f} | {'data' if r < compute else 'compute'} |")
 
     variants = replay_variants(photos, targets)

@@ -237,7 +237,9 @@ def test_a_run_on_a_mixed_store_trains_every_kind_of_student(tmp_path):
     manifest = json.loads((run / "targets" / "manifest.json").read_text())
     assert manifest["view_spec"]["mix"]["mixup_alpha"] == 0.4
     metrics = {n: json.loads((run / "students" / n / "metrics.json").read_text()) for n in ("baseline", "cached", "online")}
-    assert all(m["top1"] > 0.2 for m in metrics.values())
+    # one epoch on 600 mixed images: each learns, well above chance (0.1; its std over 600 images is 0.012), which
+    # is all this checks (the baseline measured 0.18 to 0.25 depending on threads and memory format)
+    assert all(m["top1"] > 0.15 for m in metrics.values()), {n: m["top1"] for n, m in metrics.items()}
     assert metrics["cached"]["mix_approx_kl"] is None
     assert metrics["online"]["mix_approx_kl"] is not None and metrics["online"]["mix_approx_kl"] < 1e-3
 
