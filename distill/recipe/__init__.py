@@ -1,10 +1,11 @@
 """Recipes: YAML → frozen typed dataclasses, strict validation, dotted overrides, teacher cards, resolved dump."""
 from distill.recipe.cards import CARD_INFO_KEYS, CARD_MODEL_KEYS, CARDS_DIR, card_names, load_card, merge_card
+from distill.recipe.data_config import DataConfig
+from distill.recipe.fields import model_sources
 from distill.recipe.loading import apply_override, dump_recipe, load_recipe, recipe_from_dict, to_plain
 from distill.recipe.schema import (
     AugmentConfig,
     CheckpointConfig,
-    DataConfig,
     FixResConfig,
     ImbalanceConfig,
     KDConfig,
@@ -16,7 +17,6 @@ from distill.recipe.schema import (
     TargetsConfig,
     TeacherConfig,
     TTAConfig,
-    model_sources,
 )
 
 __all__ = [

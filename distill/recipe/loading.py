@@ -14,7 +14,9 @@ import yaml
 
 from distill.errors import DistillError
 from distill.recipe.cards import merge_card, read_yaml
-from distill.recipe.schema import DataConfig, Recipe, model_sources
+from distill.recipe.data_config import DataConfig
+from distill.recipe.fields import model_sources
+from distill.recipe.schema import Recipe
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
