@@ -149,6 +149,29 @@ def test_what_the_device_path_cannot_do_is_refused_in_one_line(photos, tmp_path)
         dd.EncodedReplay(store.ReplayDataset(plain, store.Samples(cached), pre))
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"data": {"source": "digits"}}, r"^data\.decode: device reads image files; data\.source digits"),
+    ({"data": {"cache": 256}}, r"^data\.decode: device reads the original files.*drop data\.cache"),
+    ({"targets": {"augment": [{"name": "Rotate", "limit": 30}]}}, r"targets\.augment is set"),
+    ({"targets": {"mix": {"cutmix_alpha": 1.0}}}, r"targets\.mix is set"),
+    ({"students": [{"name": "s", "model": "timm:resnet10t", "kd": {"targets": "online"}}]},
+     r"^students\.0\.kd\.targets: online KD"),
+])
+def test_the_recipe_refuses_device_decoding_before_any_stage(extra, message):
+    """The same refusals at recipe load: a later online student must not fail after the first one trained."""
+    from distill.recipe import recipe_from_dict
+
+    recipe_from_dict({"name": "x", "data": {"source": "imagefolder", "root": "/photos", "decode": "device"},
+                      "teacher": {"model": "timm:resnet10t"}})  # files, cached KD: accepted
+
+    raw = {"name": "x", "data": {"source": "imagefolder", "root": "/photos", "decode": "device"},
+           "teacher": {"model": "timm:resnet10t"}}
+    for key, value in extra.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(DistillError, match=message):
+        recipe_from_dict(raw)
+
+
 def test_a_batch_stays_on_the_cpu_through_accelerate(photos, tmp_path):
     """accelerate moves batches to its device: the files must stay where torchvision's decoders read them."""
     from accelerate.utils import send_to_device

@@ -105,6 +105,28 @@ def to_plain(obj):
     return obj
 
 
+def _check_device_decode(recipe: Recipe) -> None:
+    """data.decode: device renders crop, resize and flip of image files only (distill/data/device_decode.py, which
+    checks the store again): refused at load, before any stage trains, for what it cannot do."""
+    if recipe.data.decode != "device":
+        return
+    drop = "or drop data.decode: device"
+    if recipe.data.source not in ("imagefolder", "csv"):
+        raise DistillError(f"data.decode: device reads image files; data.source {recipe.data.source} keeps its "
+                           f"images in memory or in Arrow: use an imagefolder or csv source, {drop}")
+    if recipe.data.cache is not None:
+        raise DistillError(f"data.decode: device reads the original files, not data.cache's: drop data.cache, {drop}")
+    from distill.mix import mix_enabled
+    for key, on in (("augment", bool(recipe.targets.augment)), ("mix", mix_enabled(recipe.targets.mix))):
+        if on:
+            raise DistillError(f"data.decode: device renders crop, resize and flip only; targets.{key} is set: leave "
+                               f"it out, {drop}")
+    for i, s in enumerate(recipe.students):
+        if s.kd.targets == "online":
+            raise DistillError(f"students.{i}.kd.targets: online KD renders the teacher's view on the CPU; use "
+                               f"kd.targets: cached, {drop}")
+
+
 def _check_recipe(recipe: Recipe) -> None:
     if not recipe.name or "/" in recipe.name or recipe.name.startswith("."):
         raise DistillError(f"name: expected a plain run name (no '/'), got {recipe.name!r}")
@@ -145,6 +167,7 @@ def _check_recipe(recipe: Recipe) -> None:
             if getattr(recipe.data, key) != getattr(DataConfig, key):
                 raise DistillError(f"data.{key}: only data.source hf reads it; data.source is "
                                    f"{recipe.data.source!r}")
+    _check_device_decode(recipe)
     for i, scale in enumerate(recipe.tta.scales):
         if not 0.5 <= scale <= 2:
             raise DistillError(f"tta.scales.{i}: expected a scale in [0.5, 2], got {scale!r}")
