@@ -42,8 +42,5 @@ class ImageDataset(torch.utils.data.Dataset):
     def need_of(self, i: int) -> tuple[int, int] | None:
         if not callable(self.need):
             return self.need
-        split = self.split
         # a random crop's need depends on the image's size: read from its header, only where a decode can use it
-        if split.decode_scaled and (split.paths is not None or split.cache is not None):
-            return self.need(*split.size(i))
-        return None
+        return self.need(*self.split.size(i)) if self.split.scalable() else None

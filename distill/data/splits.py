@@ -67,6 +67,11 @@ class Split:
             return read_image(self.paths[i], self.max_pixels, need)
         return to_rgb(self.images[i]).copy()
 
+    def scalable(self) -> bool:
+        """Whether a `need` can make `load` cheaper: files on disk or the decoded-image cache, data.decode_scaled on.
+        Otherwise `size` may cost a decode of its own (an hf dataset's image): load the image whole instead."""
+        return self.decode_scaled and (self.paths is not None or self.cache is not None)
+
     def size(self, i: int) -> tuple[int, int]:
         """(height, width) of image `i` as `load(i)` without `need` gives it, from its header (nothing decoded):
         what a view's crop box is drawn from."""

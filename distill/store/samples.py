@@ -35,10 +35,8 @@ class Samples:
         return part.size(j)
 
     def scalable(self, i: int) -> bool:
-        """Whether a `need` can make `load(i)` cheaper (a file on disk or the decoded-image cache, data.decode_scaled
-        on); otherwise `size(i)` may cost a decode of its own (an hf dataset's image), so load it whole instead."""
-        part, _ = self.part(i)
-        return part.decode_scaled and (part.paths is not None or part.cache is not None)
+        """Whether a `need` can make `load(i)` cheaper (`Split.scalable`)."""
+        return self.part(i)[0].scalable()
 
     def part(self, i: int) -> tuple[Split, int]:
         return (self.parts[0], i) if i < self.num_labeled else (self.parts[1], i - self.num_labeled)
