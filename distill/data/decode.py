@@ -33,6 +33,13 @@ def draft(img: Image.Image, need: Need | None) -> int:
     return max(1, round(width / img.size[0]))
 
 
+def box_pixels(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """A box side's fractions [lo, hi) as pixel rows (or columns) of an image n pixels along that side, at least
+    one. Boxes are stored as i / n in float32; rounding back gives the very same pixel rows."""
+    a, b = round(float(lo) * n), round(float(hi) * n)
+    return a, max(b, a + 1)
+
+
 def need_for(params_rows: Iterable[np.ndarray], size: int | Iterable[int], height: int | None = None,
              width: int | None = None) -> Need:
     """(width, height) a decode must have so that every crop box in `params_rows` (PARAM_COLUMNS y0, x0, y1, x1,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from distill.data.decode import box_pixels
 from distill.errors import DistillError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -161,20 +162,14 @@ def _decode_other(data: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def view(image: torch.Tensor, box: list[float], size: int, interpolation: str) -> torch.Tensor:
-    """One view: the box's pixels (rounded as store/views.py `_pixels`), resized to size x size as OpenCV resizes,
+    """One view: the box's pixels (`decode.box_pixels`, as store/views.py renders), resized to size x size as OpenCV resizes,
     flipped when box[4] >= 0.5. float32 [3, size, size] in [0, 255], rounded to uint8 levels as OpenCV's output."""
     height, width = image.shape[-2:]
-    y0, y1 = _pixels(box[0], box[2], height)
-    x0, x1 = _pixels(box[1], box[3], width)
+    y0, y1 = box_pixels(box[0], box[2], height)
+    x0, x1 = box_pixels(box[1], box[3], width)
     crop = image[:, y0:y1, x0:x1].float()
     out = resize(crop, size, interpolation).round_().clamp_(0, 255)
     return out.flip(-1) if box[4] >= 0.5 else out
-
-
-def _pixels(lo: float, hi: float, n: int) -> tuple[int, int]:
-    # as store/views.py: boxes are stored as i / n in float32; rounding back gives the very same pixel rows
-    a, b = round(float(lo) * n), round(float(hi) * n)
-    return a, max(b, a + 1)
 
 
 def resize(crop: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:

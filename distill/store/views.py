@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import INTERPOLATIONS, Preprocess
-from distill.data.decode import need_for
+from distill.data.decode import box_pixels, need_for
 from distill.store.augment import NO_AUGMENT, augment, check_augment, view_seed
 from distill.store.mixing import NO_PARTNER, UNMIXED, draw_mix, mix_views, store_mixes
 
@@ -82,17 +82,11 @@ def view_seeds(spec, seed: int, sample: int) -> np.ndarray:
 def render(image: np.ndarray, params: np.ndarray, size: int, interpolation: str) -> np.ndarray:
     """The view's pixels for a model of input `size`: crop the box, resize, flip. uint8 [size, size, 3]."""
     height, width = image.shape[:2]
-    y0, y1 = _pixels(params[0], params[2], height)
-    x0, x1 = _pixels(params[1], params[3], width)
+    y0, y1 = box_pixels(params[0], params[2], height)
+    x0, x1 = box_pixels(params[1], params[3], width)
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     out = cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])
     return out[:, ::-1] if params[4] >= 0.5 else out
-
-
-def _pixels(lo: float, hi: float, n: int) -> tuple[int, int]:
-    # boxes are stored as i / n in float32; rounding back gives the very same pixel rows
-    a, b = round(float(lo) * n), round(float(hi) * n)
-    return a, max(b, a + 1)
 
 
 def to_tensor(images: np.ndarray, pre: Preprocess) -> torch.Tensor:
