@@ -49,7 +49,7 @@ from PIL import Image
 
 from distill.data.decode import draft
 from distill.data.headers import read_headers
-from distill.data.images import read_image
+from distill.data.images import read_image, user_cache
 from distill.disk import agree, check_free, remove, writing
 from distill.errors import DistillError
 
@@ -65,10 +65,7 @@ FIX = "delete the folder, or set data.cache: null"
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "distill" / "images"
+    return Path(cache_dir).expanduser() if cache_dir is not None else user_cache("images")
 
 
 def max_side_of(cfg) -> int | None:

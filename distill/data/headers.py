@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.data.images import open_unlimited, over_limit
+from distill.data.images import open_unlimited, over_limit, user_cache
 
 _logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def read_headers(paths: Sequence[str]) -> list[Header]:
     root = os.path.commonpath(full) if len(full) > 1 else os.path.dirname(full[0])
     if os.path.isfile(root):  # the same file listed twice
         root = os.path.dirname(root)
-    cache_file = _cache_dir() / f"{hashlib.sha256(root.encode()).hexdigest()[:24]}.json"
+    cache_file = user_cache("image-headers") / f"{hashlib.sha256(root.encode()).hexdigest()[:24]}.json"
     cached = _load(cache_file, root)
     headers, fresh = [], {}
     for path in full:
@@ -136,11 +136,6 @@ def _end_problem(f, fmt: str, size: int) -> str:
 def _tail(f, size: int, n: int) -> bytes:
     f.seek(max(0, size - n))
     return f.read(n)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "distill" / "image-headers"
 
 
 def _load(cache_file: Path, root: str) -> dict:

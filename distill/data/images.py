@@ -28,6 +28,12 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image[:, :, :3] if image.shape[2] == 4 else image
 
 
+def user_cache(name: str) -> Path:
+    """distill's folder `name` in the user's cache: $XDG_CACHE_HOME/distill/<name> (default ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "distill" / name
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of the image at `path`, from its header."""
     try:
