@@ -205,10 +205,9 @@ class Checkpoints:
                                    "(--resume continues from it)")
         self.clear()
         if self.accelerator.is_main_process:  # until this attempt's metrics.json, the folder is INCOMPLETE
-            if (self.dir.parent / "metrics.json").is_file():
-                self.accelerator.print(f"{self.where}: the earlier result in {self.dir.parent} moves to "
-                                       f"{self.dir.parent / results.PREVIOUS}")
-            results.begin(self.dir.parent, self.fingerprint)
+            previous = results.begin(self.dir.parent, self.fingerprint)
+            if previous is not None:
+                self.accelerator.print(f"{self.where}: the earlier result in {self.dir.parent} moved to {previous}")
         self.accelerator.wait_for_everyone()
         return Progress()
 

@@ -37,12 +37,13 @@ RESULT = ("metrics.json", "model.safetensors", "model.json", "config.json", "pre
           "README.md", "last", "oof.safetensors", "fixres")
 
 
-def begin(folder: Path, fingerprint: str) -> None:
+def begin(folder: Path, fingerprint: str) -> Path | None:
     """A stage starts from scratch in `folder` (main process only): set a complete old result aside, remove an
-    interrupted attempt's leftovers, and mark the folder INCOMPLETE."""
+    interrupted attempt's leftovers, and mark the folder INCOMPLETE. Returns where the old result went, if any."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     present = [folder / n for n in RESULT if (folder / n).exists()]
+    previous = None
     if (folder / "metrics.json").is_file() and not (folder / MARKER).exists():
         previous = folder / PREVIOUS
         shutil.rmtree(previous, ignore_errors=True)
@@ -56,6 +57,7 @@ def begin(folder: Path, fingerprint: str) -> None:
         for path in present:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     mark(folder, fingerprint)
+    return previous
 
 
 def mark(folder: Path, fingerprint: str) -> None:
