@@ -13,7 +13,7 @@ per core:
   batched decode with crop and resize as tensor ops (`data.decode: device`, here on the CPU);
 - (c) the teacher's export path (`store.TeacherViews`: every view of an image at the teacher's 224 px, its
   decode and rendering without the forward), with full and scaled decoding;
-- then a resnet10t student step (forward, backward, SGD; one thread) at 112 and 224 px against each loader's
+- then a resnet10t student step (forward, backward, AdamW; one thread) at 112 and 224 px against each loader's
   time per batch, which says whether data or compute limits a 2-core machine that gives each one core; and
   cached-KD steps against labels-only steps reading the same cache, through one DataLoader worker.
 
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photos import make_photos
+from student_step import step_time
 
 from distill import store
 from distill.data import Preprocess, load_splits
@@ -164,23 +165,9 @@ def export_rate(cfg: DataConfig, size: int, n: int, views: int = 4) -> float:
 
 
 def student_step_seconds(size: int, batch: int = 32, steps: int = 3) -> float:
-    import timm
-
-    model = timm.create_model("resnet10t", num_classes=10).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    """A resnet10t step (forward, backward, AdamW; the median of `steps`), as benchmarks/student_step.py times it."""
+    return step_time("resnet10t", size, batch, steps, torch.device("cpu"), channels_last=False,
+                     compile_model=False)["step s"]
 
 
 def kd_against_labels(ds, size: int, batches: int) -> dict:
