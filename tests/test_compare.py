@@ -1,11 +1,13 @@
-"""compare.py: the seed summary, the Pareto front, and the `+tta` rows (on a tiny run dir made without training)."""
+"""compare.py and compare_report.py: the seed summary, the Pareto front, and the `+tta` rows (on a tiny run dir made
+without training)."""
 import csv
 import json
 
 import pytest
 import torch
 
-from distill.compare import main, pareto, row_for, seed_summary, tta_row
+from distill.compare import main, row_for, tta_row
+from distill.compare_report import pareto, seed_summary
 from distill.recipe import TTAConfig
 
 
